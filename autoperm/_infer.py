@@ -1,0 +1,296 @@
+"""The inference engine: walk the exported graph, apply each op's rule, collect permutation groups.
+
+Every tensor axis carries an atom (see ``_atoms``). Parameters and buffers
+start with free atoms; model inputs, outputs, constants and non-persistent
+buffers are pinned. Ops with no rule pin every axis they touch. The atoms
+left free at the end, as they appear in state-dict tensors, are the groups.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Sequence
+
+import networkx as nx
+import torch
+from torch.fx import Node
+
+from ._atoms import AtomTable
+from ._trace import TracedModel, trace
+from .rules import get_rule
+from .spec import PermutationSpec, Pin
+
+__all__ = ["infer_spec", "Context", "axis_graph"]
+
+Layout = tuple  # tuple[int, ...]: one atom per axis
+
+
+class Context:
+    """What a rule sees: layouts and shapes of a node's inputs, and the atom operations."""
+
+    def __init__(self, atoms: AtomTable):
+        self.atoms = atoms
+        self.layouts: dict[Node, Any] = {}
+        self.node: Node | None = None
+        self.unsupported: list[str] = []
+
+    # -- lookups ----------------------------------------------------------
+    def lay(self, x) -> Layout | None:
+        """Layout of a graph value (a tuple of atoms), or None for non-tensors."""
+        return self.layouts.get(x) if isinstance(x, Node) else None
+
+    @staticmethod
+    def shape(x) -> tuple[int, ...] | None:
+        v = x.meta.get("val") if isinstance(x, Node) else None
+        return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
+
+    def out_shape(self):
+        v = self.node.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            return tuple(int(s) for s in v.shape)
+        if isinstance(v, (list, tuple)):
+            return [tuple(int(s) for s in t.shape) if isinstance(t, torch.Tensor) else None for t in v]
+        return None
+
+    @property
+    def where(self) -> str:
+        return f"{self.node.name} ({_target_name(self.node.target)})" if self.node is not None else "graph"
+
+    # -- atom operations --------------------------------------------------
+    def fresh(self, size: int, pinned: str | None = None) -> int:
+        return self.atoms.fresh(size, pinned)
+
+    def fresh_layout(self, shape, pinned: str | None = None) -> Layout:
+        return tuple(self.atoms.fresh(s, pinned) for s in shape)
+
+    def pinned_layout(self, shape, why: str) -> Layout:
+        return self.fresh_layout(shape, f"{why} at {self.where}")
+
+    def union(self, a: int, b: int) -> int:
+        self.atoms.union(a, b, self.where)
+        return a
+
+    def unify(self, la: Layout, lb: Layout) -> Layout:
+        for a, b in zip(la, lb, strict=True):
+            self.union(a, b)
+        return la
+
+    def pin(self, a: int, why: str) -> None:
+        self.atoms.pin(a, f"{why} at {self.where}")
+
+    def pin_layout(self, layout, why: str) -> None:
+        for a in _flat(layout):
+            self.pin(a, why)
+
+    def size(self, a: int) -> int:
+        return self.atoms.size(a)
+
+    def prod(self, atoms: Sequence[int]) -> int:
+        return self.atoms.composite("prod", list(atoms))
+
+    def cat(self, atoms: Sequence[int]) -> int:
+        return self.atoms.composite("cat", list(atoms))
+
+    def split_prod(self, a: int, sizes: Sequence[int], why: str) -> list[int]:
+        """Factor ``a`` into row-major factors of ``sizes``; pins ``a`` when it cannot be factored."""
+        out = self.atoms.as_prod(a, list(sizes))
+        if out is None:
+            self.pin(a, f"{why}: cannot factor {self.size(a)} as {list(sizes)}")
+            out = [self.fresh(s, f"{why} at {self.where}") for s in sizes]
+        return out
+
+    def split_cat(self, a: int, sizes: Sequence[int], why: str) -> list[int]:
+        """Cut ``a`` into consecutive pieces of ``sizes``; pins ``a`` when it cannot be cut there."""
+        out = self.atoms.as_cat(a, list(sizes))
+        if out is None:
+            self.pin(a, f"{why}: cannot cut {self.size(a)} into {list(sizes)}")
+            out = [self.fresh(s, f"{why} at {self.where}") for s in sizes]
+        return out
+
+    def broadcast(self, *xs) -> Layout:
+        """Unify tensor arguments under broadcasting (aligned from the right); return the output layout."""
+        shaped = [(self.lay(x), self.shape(x)) for x in xs if self.lay(x) is not None]
+        out_shape = self.out_shape()
+        out = [None] * len(out_shape)
+        for lay, shp in shaped:
+            off = len(out_shape) - len(shp)
+            for i, (a, s) in enumerate(zip(lay, shp)):
+                if s == 1 and out_shape[off + i] != 1:
+                    continue  # broadcast axis: constant along it
+                if out[off + i] is None:
+                    out[off + i] = a
+                else:
+                    self.union(out[off + i], a)
+        return tuple(a if a is not None else self.fresh(s) for a, s in zip(out, out_shape))
+
+
+def _flat(layout):
+    if layout is None:
+        return []
+    if isinstance(layout, list):
+        return [a for item in layout for a in _flat(item)]
+    return list(layout)
+
+
+def _target_name(t) -> str:
+    if isinstance(t, torch._ops.OpOverload):
+        return f"aten.{t._opname}.{t._overloadname}" if t.namespace == "aten" else str(t)
+    return getattr(t, "__name__", str(t))
+
+
+def _default_rule(ctx: Context, node: Node, why: str):
+    """No rule: pin every axis of every tensor the op touches; outputs come out pinned."""
+    ctx.unsupported.append(f"{node.name}: {why}")
+    for a in node.all_input_nodes:
+        ctx.pin_layout(ctx.lay(a), why)
+    shp = ctx.out_shape()
+    if isinstance(shp, list):
+        return [ctx.pinned_layout(s, why) if s is not None else None for s in shp]
+    return ctx.pinned_layout(shp, why) if shp is not None else None
+
+
+def _run(tm: TracedModel) -> Context:
+    ctx = Context(AtomTable())
+    for node in tm.graph.nodes:
+        ctx.node = node
+        if node.op == "placeholder":
+            shp = ctx.shape(node)
+            if shp is None:
+                continue
+            kind = tm.placeholder_kind.get(node.name, "input")
+            floating = node.meta["val"].is_floating_point()
+            if kind in ("param", "buffer") and floating:
+                ctx.layouts[node] = ctx.fresh_layout(shp)
+            else:
+                why = {"param": "integer parameter", "buffer": "integer buffer", "input": "model input",
+                       "nonpersistent": "non-persistent buffer (not in the state dict)",
+                       "constant": "constant tensor"}[kind]
+                ctx.layouts[node] = ctx.pinned_layout(shp, why)
+        elif node.op == "call_function":
+            ctx.layouts[node] = _call(ctx, node)
+        elif node.op == "output":
+            ctx.pin_layout([ctx.lay(a) for a in node.all_input_nodes], "model output")
+        elif node.op == "get_attr":
+            shp = ctx.shape(node)
+            ctx.layouts[node] = ctx.pinned_layout(shp, "graph attribute") if shp is not None else None
+        else:
+            ctx.layouts[node] = _default_rule(ctx, node, f"unsupported node kind {node.op}")
+    return ctx
+
+
+def _call(ctx: Context, node: Node):
+    if node.target is operator.getitem:
+        seq, i = node.args
+        lay = ctx.lay(seq)
+        return lay[i] if isinstance(lay, list) else _default_rule(ctx, node, "getitem on a non-sequence")
+    rule = get_rule(node.target)
+    if rule is None:
+        return _default_rule(ctx, node, f"no rule for {_target_name(node.target)}")
+    try:
+        out = rule(ctx, *node.args, **node.kwargs)
+    except Exception as e:  # noqa: BLE001 - a failing rule pins instead of crashing
+        return _default_rule(ctx, node, f"rule for {_target_name(node.target)} failed ({type(e).__name__}: {e})")
+    return _check(ctx, node, out)
+
+
+def _check(ctx: Context, node: Node, out):
+    """A rule's output must match the node's shapes; a mismatch is a rule bug and pins."""
+    shp = ctx.out_shape()
+    ok = (isinstance(shp, list) and isinstance(out, list) and len(out) == len(shp)
+          and all(o is None or (s is not None and len(o) == len(s) and all(ctx.size(a) == n for a, n in zip(o, s)))
+                  for o, s in zip(out, shp))) or (
+        isinstance(shp, tuple) and isinstance(out, tuple) and len(out) == len(shp)
+        and all(ctx.size(a) == n for a, n in zip(out, shp))) or (shp is None and out is None)
+    return out if ok else _default_rule(ctx, node, f"rule for {_target_name(node.target)} returned a wrong layout")
+
+
+def infer_spec(model: torch.nn.Module, example_inputs) -> PermutationSpec:
+    """Infer every permutation of hidden units that leaves ``model``'s function unchanged.
+
+    ``example_inputs`` is a tensor or a tuple of tensors; the graph is
+    specialised to their shapes. The model is not modified.
+
+    >>> import torch, autoperm
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> spec = autoperm.infer_spec(mlp, torch.randn(1, 4))
+    >>> [(g.name, g.size) for g in spec.groups]
+    [('0.weight:0', 8)]
+    """
+    was_training = model.training
+    try:
+        tm = trace(model, example_inputs)
+    finally:
+        model.train(was_training)
+    ctx = _run(tm)
+    return _build_spec(ctx, tm, model)
+
+
+def _build_spec(ctx: Context, tm: TracedModel, model: torch.nn.Module) -> PermutationSpec:
+    atoms = ctx.atoms
+    state = model.state_dict()
+    by_key = {tm.placeholder_key[n.name]: ctx.layouts[n] for n in tm.graph.nodes
+              if n.op == "placeholder" and n.name in tm.placeholder_key and ctx.layouts.get(n) is not None}
+    for k, others in tm.aliases.items():
+        for o in others:
+            if k in by_key and o not in by_key:
+                by_key[o] = by_key[k]
+    names: dict[int, str] = {}
+    axes: dict[str, list] = {}
+    pinned: list[Pin] = []
+
+    def expr(a: int, label: str):
+        r = atoms.root(a)
+        if r.size <= 1:
+            return None
+        if r.kind is not None:
+            kids = [expr(c, f"{label}.{i}") for i, c in enumerate(r.children)]
+            if all(k is None for k in kids):
+                return None
+            return {r.kind: [k if k is not None else {"fixed": atoms.size(c)} for k, c in zip(kids, r.children)]}
+        if r.pinned is not None:
+            return None
+        root = atoms.find(a)
+        names.setdefault(root, label)
+        return {"g": names[root]}
+
+    def pins(a: int, key: str, axis: int):
+        r = atoms.root(a)
+        if r.size <= 1:
+            return
+        if r.kind is not None:
+            for c in r.children:
+                pins(c, key, axis)
+        elif r.pinned is not None:
+            pinned.append(Pin(key, axis, r.size, r.pinned))
+
+    for key, t in state.items():
+        lay = by_key.get(key)
+        if lay is None or not t.is_floating_point():
+            if t.dim() and t.is_floating_point():
+                pinned.extend(Pin(key, i, s, "not used by the traced graph") for i, s in enumerate(t.shape) if s > 1)
+            continue
+        axes[key] = [expr(a, f"{key}:{i}") for i, a in enumerate(lay)]
+        for i, a in enumerate(lay):
+            pins(a, key, i)
+    sizes = {}
+    for root, name in names.items():
+        sizes[name] = atoms.size(root)
+    return PermutationSpec.from_axes(axes, sizes, pinned, {k: list(t.shape) for k, t in state.items()},
+                                     unsupported=ctx.unsupported)
+
+
+def axis_graph(model: torch.nn.Module, example_inputs) -> nx.Graph:
+    """The (state-dict key, axis) graph: an edge joins two axes that share a permutation group.
+
+    >>> import torch
+    >>> g = axis_graph(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)), torch.randn(1, 4))
+    >>> import networkx as nx
+    >>> sorted(nx.node_connected_component(g, ("0.weight", 0)))
+    [('0.bias', 0), ('0.weight', 0), ('1.weight', 1)]
+    """
+    spec = infer_spec(model, example_inputs)
+    g = nx.Graph()
+    for grp in spec.groups:
+        nodes = sorted({(m.key, m.axis) for m in grp.members})
+        g.add_nodes_from(nodes, group=grp.name)
+        nx.add_path(g, nodes)
+    return g

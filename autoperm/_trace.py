@@ -1,0 +1,73 @@
+"""Trace a model to an ATen-level torch.fx graph with exact shapes (``torch.export``, non-strict).
+
+Why export rather than ``symbolic_trace``: export specialises data-dependent
+control flow to the example input, so every timm family traces, and it lifts
+every parameter and buffer to a graph input, so no weight hides inside an
+opaque leaf module (see docs/design.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.export.graph_signature import InputKind
+
+__all__ = ["TracedModel", "trace", "TraceError"]
+
+
+class TraceError(RuntimeError):
+    """The model could not be exported to a graph for the given example inputs."""
+
+
+@dataclass
+class TracedModel:
+    """An exported graph plus the map from its placeholders to state-dict keys."""
+
+    graph: torch.fx.Graph
+    placeholder_key: dict[str, str]  # placeholder name -> state-dict key (params, persistent buffers)
+    placeholder_kind: dict[str, str]  # placeholder name -> "param" | "buffer" | "nonpersistent" | "constant" | "input"
+    aliases: dict[str, list[str]]  # state-dict key -> other keys holding the same tensor (tied weights)
+
+
+def as_tuple(example_inputs) -> tuple:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def trace(model: torch.nn.Module, example_inputs) -> TracedModel:
+    """Export ``model`` on ``example_inputs``; the model is not modified.
+
+    >>> import torch
+    >>> tm = trace(torch.nn.Linear(3, 2), torch.randn(1, 3))
+    >>> sorted(tm.placeholder_key.values())
+    ['bias', 'weight']
+    """
+    args = as_tuple(example_inputs)
+    try:
+        ep = torch.export.export(model, args, strict=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise TraceError(f"torch.export failed for {type(model).__name__}: {type(e).__name__}: {e}") from e
+    persistent = set(model.state_dict().keys())
+    key, kind = {}, {}
+    for spec in ep.graph_signature.input_specs:
+        name = spec.arg.name
+        if spec.kind == InputKind.PARAMETER:
+            key[name], kind[name] = spec.target, "param"
+        elif spec.kind == InputKind.BUFFER:
+            if spec.persistent is not False and spec.target in persistent:
+                key[name], kind[name] = spec.target, "buffer"
+            else:
+                kind[name] = "nonpersistent"
+        elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ, InputKind.TOKEN):
+            kind[name] = "constant"
+        else:
+            kind[name] = "input"
+    return TracedModel(ep.graph_module.graph, key, kind, _aliases(model))
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:
+    by_id: dict[int, list[str]] = {}
+    for k, t in model.state_dict(keep_vars=True).items():
+        by_id.setdefault(id(t), []).append(k)
+    return {ks[0]: ks[1:] for ks in by_id.values() if len(ks) > 1} | {
+        k: [o for o in ks if o != k] for ks in by_id.values() if len(ks) > 1 for k in ks
+    }

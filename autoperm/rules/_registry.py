@@ -1,0 +1,78 @@
+"""The rule registry: one function per op, declaring how the op couples its tensors' axes.
+
+A rule is called as ``rule(ctx, *node.args, **node.kwargs)`` and returns the
+output layout: a tuple of atoms (one per output axis), or a list of such
+tuples for ops returning several tensors. Ops without a rule pin every axis
+they touch (see ``autoperm._infer``).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["register_rule", "builtin_rule", "get_rule", "list_rules", "is_registered"]
+
+_RULES: dict[object, Callable] = {}
+
+
+def _keys(target, missing_ok: bool) -> list[object]:
+    if isinstance(target, str):
+        ns, _, rest = target.partition(".")
+        packet, _, overload = rest.partition(".")
+        try:
+            op = getattr(getattr(torch.ops, ns), packet)
+            return [getattr(op, overload)] if overload else [op]
+        except (AttributeError, RuntimeError):
+            if missing_ok:
+                return []
+            raise ValueError(f"no op named {target!r} in this torch") from None
+    return [target]
+
+
+def builtin_rule(*targets):
+    """Register one of autoperm's own rules (ops absent from this torch version are skipped)."""
+    return register_rule(*targets, missing_ok=True)
+
+
+def register_rule(*targets, override: bool = False, missing_ok: bool = False):
+    """Register ``fn`` as the rule for each target (an ATen overload, an overload packet, a callable or a name).
+
+    A packet (``torch.ops.aten.add`` or ``"aten.add"``) covers all its overloads.
+    Registering a target twice raises unless ``override=True``.
+
+    >>> import torch
+    >>> from autoperm.rules import register_rule, get_rule
+    >>> @register_rule("aten.erfinv.default", override=True)
+    ... def erfinv(ctx, x):
+    ...     '''Element-wise: out ~ x.'''
+    ...     return ctx.lay(x)
+    >>> get_rule(torch.ops.aten.erfinv.default) is erfinv
+    True
+    """
+
+    def deco(fn: Callable) -> Callable:
+        for t in targets:
+            for k in _keys(t, missing_ok):
+                if k in _RULES and not override:
+                    raise ValueError(f"a rule for {k} is already registered; pass override=True")
+                _RULES[k] = fn
+        return fn
+
+    return deco
+
+
+def get_rule(target) -> Callable | None:
+    """The rule for ``target``: its own, else its overload packet's, else None."""
+    if target in _RULES:
+        return _RULES[target]
+    packet = getattr(target, "overloadpacket", None)
+    return _RULES.get(packet) if packet is not None else None
+
+
+def is_registered(target) -> bool:
+    return get_rule(target) is not None
+
+
+def list_rules() -> list[str]:
+    return sorted(str(k) for k in _RULES)

@@ -1,0 +1,53 @@
+"""Convolutions (1/2/3-d, grouped, depthwise, transposed). Kernel and spatial axes are pinned."""
+from __future__ import annotations
+
+from ._registry import builtin_rule
+
+
+def _conv(ctx, x, weight, bias, groups, transposed):
+    lx, lw, sw = ctx.lay(x), ctx.lay(weight), ctx.shape(weight)
+    k = len(sw) - 2
+    c = len(lx) - k - 1  # channel axis (1 when batched, 0 when not)
+    for a in lw[2:]:
+        ctx.pin(a, "convolution kernel axis")
+    for a in lx[c + 1:]:
+        ctx.pin(a, "spatial axis of a convolution")
+    w_in, w_out = (lw[0], lw[1]) if transposed else (lw[1], lw[0])
+    if groups == 1:
+        ctx.union(lx[c], w_in)
+        out_c = w_out
+    elif not transposed:
+        # y[g*co + o] = sum_i W[g*co + o, i] x[g*ci + i]: block index g shared, within-block axes tie.
+        g_in, ci = ctx.split_prod(lx[c], [groups, sw[1]], "grouped conv input")
+        g_out, _ = ctx.split_prod(lw[0], [groups, sw[0] // groups], "grouped conv output")
+        ctx.union(g_in, g_out)
+        ctx.union(ci, lw[1])
+        out_c = lw[0]
+    else:
+        g_in, ci = ctx.split_prod(lx[c], [groups, sw[0] // groups], "grouped transposed conv input")
+        g_w, ci_w = ctx.split_prod(lw[0], [groups, sw[0] // groups], "grouped transposed conv weight")
+        ctx.union(g_in, g_w)
+        ctx.union(ci, ci_w)
+        out_c = ctx.prod([g_in, lw[1]])
+    if ctx.lay(bias) is not None:
+        ctx.union(ctx.lay(bias)[0], out_c)
+    out_shape = ctx.out_shape()
+    return lx[:c] + (out_c,) + ctx.pinned_layout(out_shape[c + 1:], "spatial axis of a convolution")
+
+
+@builtin_rule("aten.conv1d", "aten.conv2d", "aten.conv3d")
+def conv(ctx, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """y[o] = sum_i W[o, i] * x[i]: x[c] ~ W[1], y[c] ~ W[0] ~ b; groups tie block indices."""
+    return _conv(ctx, x, weight, bias, groups, transposed=False)
+
+
+@builtin_rule("aten.conv_transpose1d", "aten.conv_transpose2d", "aten.conv_transpose3d")
+def conv_transpose(ctx, x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """Transposed conv, W is (in, out/groups, k...): x[c] ~ W[0], y[c] ~ W[1] ~ b."""
+    return _conv(ctx, x, weight, bias, groups, transposed=True)
+
+
+@builtin_rule("aten.convolution", "aten._convolution")
+def convolution(ctx, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, *rest):
+    """The generic convolution op: dispatch on ``transposed``."""
+    return _conv(ctx, x, weight, bias, groups, transposed=transposed)

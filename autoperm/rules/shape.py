@@ -1,0 +1,246 @@
+"""Data movement: reshape, permute, concat, split, slicing, expand. Atoms move with the axes they describe."""
+from __future__ import annotations
+
+from ._registry import builtin_rule
+
+
+def _dim(d, n):
+    return d + n if d < 0 else d
+
+
+def reshape_layout(ctx, lay, in_shape, out_shape):
+    """Map atoms through a reshape: merged axes form products, split axes factor their atom."""
+    ins = [(a, s) for a, s in zip(lay, in_shape) if s != 1]
+    outs = [i for i, s in enumerate(out_shape) if s != 1]
+    out = [ctx.fresh(1) if s == 1 else None for s in out_shape]
+    i = j = 0
+    while i < len(ins):
+        gi, pi = [ins[i][0]], ins[i][1]
+        gj, pj = [outs[j]], out_shape[outs[j]]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                gi.append(ins[i][0]); pi *= ins[i][1]; i += 1
+            else:
+                gj.append(outs[j]); pj *= out_shape[outs[j]]; j += 1
+        src = gi[0] if len(gi) == 1 else ctx.prod(gi)
+        parts = [src] if len(gj) == 1 else ctx.split_prod(src, [out_shape[k] for k in gj], "reshape")
+        for k, p in zip(gj, parts):
+            out[k] = p
+    return tuple(out)
+
+
+@builtin_rule("aten.reshape", "aten.view", "aten._unsafe_view", "aten.reshape_as", "aten.view_as",
+               "aten._reshape_alias")
+def reshape(ctx, x, *args, **kwargs):
+    """Reshape: axes merged into one carry the product of their atoms; a split axis is factored."""
+    return reshape_layout(ctx, ctx.lay(x), ctx.shape(x), ctx.out_shape())
+
+
+@builtin_rule("aten.flatten")
+def flatten(ctx, x, start_dim=0, end_dim=-1):
+    """Flatten: the merged axis carries prod[atoms of the merged axes] (channel × spatial)."""
+    return reshape_layout(ctx, ctx.lay(x), ctx.shape(x), ctx.out_shape())
+
+
+@builtin_rule("aten.unflatten")
+def unflatten(ctx, x, dim, sizes):
+    """Unflatten: the axis is factored into the new sizes."""
+    return reshape_layout(ctx, ctx.lay(x), ctx.shape(x), ctx.out_shape())
+
+
+@builtin_rule("aten.permute")
+def permute(ctx, x, dims):
+    """Axes reorder; atoms move with them."""
+    lay = ctx.lay(x)
+    return tuple(lay[_dim(d, len(lay))] for d in dims)
+
+
+@builtin_rule("aten.transpose", "aten.swapaxes", "aten.swapdims")
+def transpose(ctx, x, d0, d1):
+    """Two axes swap; atoms move with them."""
+    lay = list(ctx.lay(x))
+    d0, d1 = _dim(d0, len(lay)), _dim(d1, len(lay))
+    lay[d0], lay[d1] = lay[d1], lay[d0]
+    return tuple(lay)
+
+
+@builtin_rule("aten.t", "aten.numpy_T")
+def t(ctx, x):
+    """Matrix transpose."""
+    return tuple(reversed(ctx.lay(x)))
+
+
+@builtin_rule("aten.unsqueeze")
+def unsqueeze(ctx, x, dim):
+    """A new size-1 axis."""
+    lay = list(ctx.lay(x))
+    lay.insert(_dim(dim, len(lay) + 1), ctx.fresh(1))
+    return tuple(lay)
+
+
+@builtin_rule("aten.squeeze")
+def squeeze(ctx, x, dim=None):
+    """Size-1 axes (all, or those named) vanish."""
+    lay, shp = ctx.lay(x), ctx.shape(x)
+    dims = range(len(lay)) if dim is None else [dim] if isinstance(dim, int) else dim
+    drop = {_dim(d, len(lay)) for d in dims if shp[_dim(d, len(lay))] == 1}
+    return tuple(a for i, a in enumerate(lay) if i not in drop)
+
+
+def _expand(ctx, x):
+    lay, shp, out = ctx.lay(x), ctx.shape(x), ctx.out_shape()
+    lead = len(out) - len(lay)
+    # A broadcast axis holds identical values along it, so any permutation of it is harmless: free atom.
+    return tuple(ctx.fresh(out[i]) for i in range(lead)) + tuple(
+        ctx.fresh(out[lead + i]) if s == 1 and out[lead + i] != 1 else a for i, (a, s) in enumerate(zip(lay, shp)))
+
+
+@builtin_rule("aten.expand", "aten.expand_as", "aten.broadcast_to")
+def expand(ctx, x, *args, **kwargs):
+    """Expand size-1 axes: the new extent is constant along the axis, so its atom is free."""
+    return _expand(ctx, x)
+
+
+@builtin_rule("aten.repeat", "aten.tile")
+def repeat(ctx, x, repeats):
+    """Tile: index t*n + i carries prod[free tile atom, x's atom] (tiles are identical copies)."""
+    lay, out = ctx.lay(x), ctx.out_shape()
+    lead = len(out) - len(lay)
+    res = [ctx.fresh(s) for s in out[:lead]]
+    for a, s in zip(lay, out[lead:]):
+        r = s // ctx.size(a) if ctx.size(a) else 1
+        res.append(a if r == 1 else ctx.prod([ctx.fresh(r), a]))
+    return tuple(res)
+
+
+@builtin_rule("aten.repeat_interleave.self_int")
+def repeat_interleave(ctx, x, repeats, dim=None, output_size=None):
+    """Each element repeated r times along ``dim``: prod[x's atom, free copy atom]."""
+    lay = list(ctx.lay(x))
+    if dim is None:
+        ctx.pin_layout(lay, "repeat_interleave over a flattened tensor")
+        return ctx.pinned_layout(ctx.out_shape(), "repeat_interleave over a flattened tensor")
+    d = _dim(dim, len(lay))
+    lay[d] = ctx.prod([lay[d], ctx.fresh(repeats)])
+    return tuple(lay)
+
+
+@builtin_rule("aten.cat", "aten.concat", "aten.concatenate")
+def cat(ctx, tensors, dim=0):
+    """Concatenate: other axes tie; the joined axis carries cat[inputs' atoms] (offsets)."""
+    items = [t for t in tensors if ctx.lay(t) is not None and not (len(ctx.shape(t)) == 1 and ctx.shape(t)[0] == 0)]
+    lays = [ctx.lay(t) for t in items]
+    n = len(lays[0])
+    d = _dim(dim, n)
+    for lay in lays[1:]:
+        for i in range(n):
+            if i != d:
+                ctx.union(lays[0][i], lay[i])
+    return tuple(ctx.cat([lay[d] for lay in lays]) if i == d else lays[0][i] for i in range(n))
+
+
+@builtin_rule("aten.stack")
+def stack(ctx, tensors, dim=0):
+    """Stack: inputs tie axis by axis; the new axis indexes the inputs and is pinned."""
+    lays = [ctx.lay(t) for t in tensors]
+    for lay in lays[1:]:
+        ctx.unify(lays[0], lay)
+    out = list(lays[0])
+    out.insert(_dim(dim, len(out) + 1), ctx.fresh(len(lays), f"stack axis at {ctx.where}"))
+    return tuple(out)
+
+
+def _pieces(ctx, x, dim, sizes):
+    lay = ctx.lay(x)
+    d = _dim(dim, len(lay))
+    parts = ctx.split_cat(lay[d], sizes, "split")
+    return [lay[:d] + (p,) + lay[d + 1:] for p in parts]
+
+
+@builtin_rule("aten.split_with_sizes", "aten.split_with_sizes_copy")
+def split_with_sizes(ctx, x, split_sizes, dim=0):
+    """Split: each piece's axis is the matching slice cat-piece of the input atom."""
+    return _pieces(ctx, x, dim, split_sizes)
+
+
+@builtin_rule("aten.split.Tensor", "aten.chunk", "aten.tensor_split.sections", "aten.unsafe_split.Tensor",
+               "aten.unsafe_chunk")
+def split(ctx, x, size_or_chunks, dim=0):
+    """Split / chunk into equal pieces (sizes read off the outputs)."""
+    d = _dim(dim, len(ctx.lay(x)))
+    return _pieces(ctx, x, dim, [s[d] for s in ctx.out_shape()])
+
+
+@builtin_rule("aten.unbind")
+def unbind(ctx, x, dim=0):
+    """Unbind: the axis selects which output, so its atom is pinned; other axes pass through."""
+    lay = ctx.lay(x)
+    d = _dim(dim, len(lay))
+    ctx.pin(lay[d], "axis indexed by unbind")
+    return [lay[:d] + lay[d + 1:] for _ in range(ctx.shape(x)[d])]
+
+
+@builtin_rule("aten.select")
+def select(ctx, x, dim, index):
+    """Select one index: the axis is pinned (a position is read) and removed."""
+    lay = ctx.lay(x)
+    d = _dim(dim, len(lay))
+    ctx.pin(lay[d], "axis indexed by select")
+    return lay[:d] + lay[d + 1:]
+
+
+@builtin_rule("aten.slice.Tensor", "aten.slice_copy.Tensor")
+def slice_(ctx, x, dim=0, start=None, end=None, step=1):
+    """Slice [start:end:step]: a contiguous slice is a cat-piece of the atom; strided slices pin it."""
+    lay = list(ctx.lay(x))
+    d = _dim(dim, len(lay))
+    n = ctx.shape(x)[d]
+    lo, hi, _ = slice(start, end).indices(n)
+    hi = max(hi, lo)
+    if (lo, hi, step) == (0, n, 1):
+        return tuple(lay)
+    if step != 1:
+        ctx.pin(lay[d], "strided slice")
+        lay[d] = ctx.fresh(ctx.out_shape()[d], f"strided slice at {ctx.where}")
+        return tuple(lay)
+    lay[d] = ctx.split_cat(lay[d], [lo, hi - lo, n - hi], "slice")[1]
+    return tuple(lay)
+
+
+@builtin_rule("aten.narrow")
+def narrow(ctx, x, dim, start, length):
+    """narrow = a contiguous slice."""
+    return slice_(ctx, x, dim, start, start + length)
+
+
+def _pin_axes(ctx, x, dims, why):
+    lay = ctx.lay(x)
+    for d in (range(len(lay)) if dims is None else [dims] if isinstance(dims, int) else dims):
+        ctx.pin(lay[_dim(d, len(lay))], why)
+    return lay
+
+
+@builtin_rule("aten.roll")
+def roll(ctx, x, shifts, dims=()):
+    """Roll moves positions along its axes (all axes when none given): pin them."""
+    return _pin_axes(ctx, x, list(dims) or None, "rolled axis")
+
+
+@builtin_rule("aten.flip")
+def flip(ctx, x, dims):
+    """Flip reverses positions along its axes: pin them."""
+    return _pin_axes(ctx, x, dims, "flipped axis")
+
+
+@builtin_rule("aten.cumsum", "aten.cumprod", "aten.logcumsumexp")
+def cumulative(ctx, x, dim, *args, **kwargs):
+    """Scans depend on order along ``dim``: pin it."""
+    return _pin_axes(ctx, x, dim, "scanned axis")
+
+
+@builtin_rule("aten.sort")
+def sort(ctx, x, dim=-1, descending=False):
+    """Sort returns (values, indices) ordered along ``dim``: pin it."""
+    lay = _pin_axes(ctx, x, dim, "sorted axis")
+    return [lay, lay]

@@ -1,0 +1,181 @@
+"""PermutationSpec: the permutation groups of a model and where each acts in its state dict.
+
+Each state-dict axis is described by an *axis expression* (JSON-ready):
+
+- ``{"g": name}``: the axis is permuted by group ``name``;
+- ``{"fixed": n}``: ``n`` indices that never move;
+- ``{"cat": [e1, e2, ...]}``: consecutive slices, each permuted by its own expression
+  (concatenated or fused tensors);
+- ``{"prod": [e1, e2, ...]}``: a row-major product, index ``i * |e2| + j``
+  (heads × head dim, groups of a grouped conv, channel × spatial after flatten).
+
+An axis with no permutable part has expression ``None``. The format is
+versioned and documented in docs/spec-format.md.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+__all__ = ["PermutationSpec", "Group", "Member", "Pin", "SPEC_FORMAT_VERSION", "walk_groups"]
+
+SPEC_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Member:
+    """One place a group acts: ``key``'s axis ``axis``, inside ``expr`` (the axis' full expression)."""
+
+    key: str
+    axis: int
+    expr: dict
+
+
+@dataclass(frozen=True)
+class Group:
+    """A permutation group: ``size`` units permuted together wherever ``members`` say."""
+
+    name: str
+    size: int
+    members: tuple[Member, ...]
+
+    @property
+    def keys(self) -> list[str]:
+        return sorted({m.key for m in self.members})
+
+
+@dataclass(frozen=True)
+class Pin:
+    """An axis (or part of one, ``size`` indices) that may not be permuted, and why."""
+
+    key: str
+    axis: int
+    size: int
+    reason: str
+
+
+def walk_groups(expr):
+    """Group names in an axis expression, in order.
+
+    >>> walk_groups({"prod": [{"g": "heads"}, {"fixed": 2}, {"g": "dim"}]})
+    ['heads', 'dim']
+    """
+    if not expr:
+        return []
+    if "g" in expr:
+        return [expr["g"]]
+    if "fixed" in expr:
+        return []
+    return [g for e in next(iter(expr.values())) for g in walk_groups(e)]
+
+
+@dataclass
+class PermutationSpec:
+    """The inferred permutation symmetries of a model.
+
+    ``axes[key][i]`` is the expression of state-dict tensor ``key``'s axis ``i``;
+    ``groups`` lists each group with its members; ``pinned`` the axes that may
+    not move, with reasons; ``unsupported`` the graph nodes that had no rule.
+
+    >>> spec = PermutationSpec.from_axes({"w1": [{"g": "h"}, None], "w2": [None, {"g": "h"}]}, {"h": 3})
+    >>> [(g.name, g.size, g.keys) for g in spec.groups]
+    [('h', 3, ['w1', 'w2'])]
+    >>> PermutationSpec.from_json(spec.to_json()) == spec
+    True
+    """
+
+    axes: dict[str, list]
+    group_sizes: dict[str, int]
+    pinned: list[Pin] = field(default_factory=list)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    unsupported: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_axes(cls, axes, group_sizes, pinned=(), shapes=None, unsupported=()):
+        return cls(dict(axes), dict(group_sizes), list(pinned), dict(shapes or {}), list(unsupported))
+
+    # -- derived views ------------------------------------------------------
+    @property
+    def groups(self) -> list[Group]:
+        members: dict[str, list[Member]] = {n: [] for n in self.group_sizes}
+        for key, exprs in self.axes.items():
+            for i, e in enumerate(exprs):
+                for g in dict.fromkeys(walk_groups(e)):
+                    members[g].append(Member(key, i, e))
+        return [Group(n, self.group_sizes[n], tuple(members[n])) for n in self.group_sizes]
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(f"no group named {name!r}")
+
+    @property
+    def num_units(self) -> int:
+        """Total permutable units (sum of group sizes)."""
+        return sum(self.group_sizes.values())
+
+    def permuted_fraction(self) -> float:
+        """Fraction of state-dict elements in tensors with at least one permuted axis."""
+        import math
+
+        tot = sum(math.prod(s) for k, s in self.shapes.items())
+        hit = sum(math.prod(self.shapes[k]) for k, ex in self.axes.items() if any(ex) and k in self.shapes)
+        return hit / tot if tot else 0.0
+
+    def summary(self) -> dict:
+        """A compact, stable summary: group names and sizes, pinned axes with reasons."""
+        return {
+            "groups": {n: s for n, s in self.group_sizes.items()},
+            "pinned": sorted({f"{p.key}:{p.axis} ({p.size}) {p.reason}" for p in self.pinned}),
+            "unsupported": list(self.unsupported),
+        }
+
+    # -- serialisation ------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": "autoperm.spec",
+            "version": SPEC_FORMAT_VERSION,
+            "groups": [{"name": n, "size": s} for n, s in self.group_sizes.items()],
+            "axes": self.axes,
+            "shapes": self.shapes,
+            "pinned": [{"key": p.key, "axis": p.axis, "size": p.size, "reason": p.reason} for p in self.pinned],
+            "unsupported": self.unsupported,
+        }
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PermutationSpec":
+        d = json.loads(text)
+        if d.get("format") != "autoperm.spec":
+            raise ValueError("not an autoperm spec (missing format: autoperm.spec)")
+        if d.get("version") != SPEC_FORMAT_VERSION:
+            raise ValueError(f"unsupported spec version {d.get('version')}; this autoperm reads {SPEC_FORMAT_VERSION}")
+        return cls.from_axes(
+            d["axes"], {g["name"]: g["size"] for g in d["groups"]},
+            [Pin(**p) for p in d.get("pinned", [])], d.get("shapes", {}), d.get("unsupported", []),
+        )
+
+    def to_axes_to_perm(self, strict: bool = False) -> tuple[dict, dict]:
+        """Export to git-re-basin's form: ``(perm_to_axes, axes_to_perm)``.
+
+        That form can only say "axis i is permuted by group P". Axes with a
+        structured expression (cat / prod) are not expressible: with
+        ``strict=True`` they raise, otherwise they map to None (left unpermuted
+        by such tools, which is only sound if the user drops those groups).
+        """
+        axes_to_perm, perm_to_axes = {}, {}
+        for key, exprs in self.axes.items():
+            row = []
+            for i, e in enumerate(exprs):
+                if e is not None and "g" in e:
+                    row.append(e["g"])
+                    perm_to_axes.setdefault(e["g"], []).append((key, i))
+                else:
+                    if e is not None and strict:
+                        raise ValueError(f"{key}:{i} has structured expression {e}; not expressible as axes_to_perm")
+                    row.append(None)
+            axes_to_perm[key] = tuple(row)
+        return perm_to_axes, axes_to_perm
