@@ -9,7 +9,7 @@ True
 """
 from ._infer import axis_graph, infer_spec
 from ._trace import TraceError
-from .check import check_invariance
+from .check import check_invariance, randomize_
 from .permutation import (
     Permutation, apply_permutation, compose_permutations, identity_permutation, inverse_permutation,
     permute_model_, random_permutation,
@@ -18,7 +18,7 @@ from .rules import register_rule
 from .spec import Group, Member, PermutationSpec, Pin
 
 __all__ = [
-    "infer_spec", "axis_graph", "check_invariance", "register_rule", "TraceError",
+    "infer_spec", "axis_graph", "check_invariance", "randomize_", "register_rule", "TraceError",
     "PermutationSpec", "Group", "Member", "Pin",
     "Permutation", "random_permutation", "identity_permutation", "inverse_permutation",
     "compose_permutations", "apply_permutation", "permute_model_",

@@ -9,7 +9,34 @@ from ._trace import as_tuple
 from .permutation import apply_permutation, random_permutation
 from .spec import PermutationSpec
 
-__all__ = ["check_invariance", "relative_difference"]
+__all__ = ["check_invariance", "relative_difference", "randomize_"]
+
+_DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout)
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> torch.nn.Module:
+    """Perturb every floating parameter and buffer in place so no symmetry hides behind an init.
+
+    Zero-initialised heads, unit BatchNorm statistics and identical layer scales
+    make many wrong permutations invisible; tests call this before checking.
+    Variance-like buffers (``running_var``) stay positive.
+
+    >>> import torch
+    >>> lin = torch.nn.Linear(2, 2); _ = torch.nn.init.zeros_(lin.bias); lin = randomize_(lin)
+    >>> bool(lin.bias.abs().sum() > 0)
+    True
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        noise = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t)
+        std = float(t.float().std()) if t.numel() > 1 else 0.0
+        t.add_(noise * scale * (std if std > 1e-3 else 0.1))
+        if name.endswith("running_var"):
+            t.abs_().add_(0.1)
+    return model
 
 
 def _tensors(out):
@@ -49,9 +76,11 @@ def check_invariance(model: torch.nn.Module, spec: PermutationSpec, example_inpu
     """
     args = as_tuple(example_inputs)
     a, b = copy.deepcopy(model), copy.deepcopy(model)
+    for m in (*a.modules(), *b.modules()):
+        if isinstance(m, _DROPOUT):  # element-wise random masks are not permutation-equivariant
+            m.eval()
     b.load_state_dict(apply_permutation(spec, random_permutation(spec, seed), a.state_dict()))
-    fork = torch.random.fork_rng(devices=[])
-    with fork:
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         ya = a(*args)
     with torch.random.fork_rng(devices=[]):
