@@ -150,6 +150,7 @@ def _default_rule(ctx: Context, node: Node, why: str):
 
 def _run(tm: TracedModel) -> Context:
     ctx = Context(AtomTable())
+    seen: dict[str, Node] = {}
     for node in tm.graph.nodes:
         ctx.node = node
         if node.op == "placeholder":
@@ -158,13 +159,21 @@ def _run(tm: TracedModel) -> Context:
                 continue
             kind = tm.placeholder_kind.get(node.name, "input")
             floating = node.meta["val"].is_floating_point()
-            if kind in ("param", "buffer") and floating:
+            if kind in ("param", "buffer") and floating and not _used(tm, node):
+                ctx.layouts[node] = ctx.pinned_layout(shp, "not used by the traced graph")
+            elif kind in ("param", "buffer") and floating:
                 ctx.layouts[node] = ctx.fresh_layout(shp)
             else:
                 why = {"param": "integer parameter", "buffer": "integer buffer", "input": "model input",
                        "nonpersistent": "non-persistent buffer (not in the state dict)",
                        "constant": "constant tensor"}[kind]
                 ctx.layouts[node] = ctx.pinned_layout(shp, why)
+            key = tm.placeholder_key.get(node.name)
+            for other in tm.aliases.get(key, ()):  # tied weights: one tensor, one layout
+                if other in seen and ctx.layouts[node] is not None:
+                    ctx.unify(ctx.layouts[seen[other]], ctx.layouts[node])
+            if key is not None:
+                seen[key] = node
         elif node.op == "call_function":
             ctx.layouts[node] = _call(ctx, node)
         elif node.op == "output":
@@ -175,6 +184,14 @@ def _run(tm: TracedModel) -> Context:
         else:
             ctx.layouts[node] = _default_rule(ctx, node, f"unsupported node kind {node.op}")
     return ctx
+
+
+def _used(tm: TracedModel, node: Node) -> bool:
+    """Whether the tensor behind a placeholder (or any tied alias of it) feeds the graph."""
+    if node.users:
+        return True
+    keys = set(tm.aliases.get(tm.placeholder_key.get(node.name), ()))
+    return any(n.users for n in tm.graph.nodes if n.op == "placeholder" and tm.placeholder_key.get(n.name) in keys)
 
 
 def _call(ctx: Context, node: Node):
@@ -245,7 +262,7 @@ def _build_spec(ctx: Context, tm: TracedModel, model: torch.nn.Module) -> Permut
             kids = [expr(c, f"{label}.{i}") for i, c in enumerate(r.children)]
             if all(k is None for k in kids):
                 return None
-            return {r.kind: [k if k is not None else {"fixed": atoms.size(c)} for k, c in zip(kids, r.children)]}
+            return _merge_fixed(r.kind, [k if k is not None else {"fixed": atoms.size(c)} for k, c in zip(kids, r.children)])
         if r.pinned is not None:
             return None
         root = atoms.find(a)
@@ -276,6 +293,18 @@ def _build_spec(ctx: Context, tm: TracedModel, model: torch.nn.Module) -> Permut
         sizes[name] = atoms.size(root)
     return PermutationSpec.from_axes(axes, sizes, pinned, {k: list(t.shape) for k, t in state.items()},
                                      unsupported=ctx.unsupported)
+
+
+def _merge_fixed(kind: str, parts: list) -> dict:
+    """Fuse neighbouring fixed parts (their sizes multiply in a product, add in a concatenation)."""
+    out: list = []
+    for p in parts:
+        if "fixed" in p and out and "fixed" in out[-1]:
+            a, b = out[-1]["fixed"], p["fixed"]
+            out[-1] = {"fixed": a * b if kind == "prod" else a + b}
+        else:
+            out.append(p)
+    return out[0] if len(out) == 1 else {kind: out}
 
 
 def axis_graph(model: torch.nn.Module, example_inputs) -> nx.Graph:
