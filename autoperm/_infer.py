@@ -24,6 +24,18 @@ __all__ = ["infer_spec", "Context", "axis_graph"]
 Layout = tuple  # tuple[int, ...]: one atom per axis
 
 
+class Stacked:
+    """A tensor whose slices along ``axis`` carry different atoms on the other axes (``parts[i]``).
+
+    Made by a reshape that splits a fused axis into (k, ...) when the k slices are later taken
+    apart by unbind/select (fused qkv): each slice keeps its own permutations. Rules that do not
+    ask for the stacked form see the parts tied together, which is the plain (coarser) answer.
+    """
+
+    def __init__(self, axis: int, parts: list[Layout]):
+        self.axis, self.parts, self.collapsed = axis, parts, False
+
+
 class Context:
     """What a rule sees: layouts and shapes of a node's inputs, and the atom operations."""
 
@@ -36,7 +48,19 @@ class Context:
     # -- lookups ----------------------------------------------------------
     def lay(self, x) -> Layout | None:
         """Layout of a graph value (a tuple of atoms), or None for non-tensors."""
-        return self.layouts.get(x) if isinstance(x, Node) else None
+        v = self.layouts.get(x) if isinstance(x, Node) else None
+        if isinstance(v, Stacked):
+            if not v.collapsed:
+                for part in v.parts[1:]:
+                    self.unify(v.parts[0], part)
+                v.collapsed = True
+            return v.parts[0]
+        return v
+
+    def stacked(self, x) -> Stacked | None:
+        """The stacked form of a value, if it has one and no rule has tied its slices yet."""
+        v = self.layouts.get(x) if isinstance(x, Node) else None
+        return v if isinstance(v, Stacked) and not v.collapsed else None
 
     @staticmethod
     def shape(x) -> tuple[int, ...] | None:
@@ -212,6 +236,9 @@ def _call(ctx: Context, node: Node):
 def _check(ctx: Context, node: Node, out):
     """A rule's output must match the node's shapes; a mismatch is a rule bug and pins."""
     shp = ctx.out_shape()
+    if isinstance(out, Stacked):
+        return out if _check(ctx, node, out.parts[0]) is out.parts[0] else _default_rule(
+            ctx, node, f"rule for {_target_name(node.target)} returned a wrong layout")
     ok = (isinstance(shp, list) and isinstance(out, list) and len(out) == len(shp)
           and all(o is None or (s is not None and len(o) == len(s) and all(ctx.size(a) == n for a, n in zip(o, s)))
                   for o, s in zip(out, shp))) or (

@@ -311,10 +311,12 @@ class Attention(nn.Module):
 def test_attention_heads_and_head_dims_are_permutable(explicit, rel):
     spec, err = spec_and_error(Attention(explicit, rel_bias=rel), torch.randn(2, 4, 3))
     assert err < TOL
-    qkv = spec.axes["qkv.weight"][0]
-    heads, dims = [x for x in qkv["prod"] if "g" in x]
+    q, k, v = spec.axes["qkv.weight"][0]["cat"]  # the fused axis is cut into q, k, v
+    assert q == k  # q and k share heads and within-head dims
+    heads, dims = v["prod"]
+    assert q["prod"][0] == heads and q["prod"][1] != dims  # v has its own within-head permutation
     assert (spec.group_sizes[heads["g"]], spec.group_sizes[dims["g"]]) == (2, 4)
-    assert spec.axes["proj.weight"][1] == {"prod": [heads, dims]}
+    assert spec.axes["proj.weight"][1] == v  # v and the output projection share theirs
     if rel:
         assert spec.axes["table"][1] == heads  # the bias table follows the head permutation
 

@@ -54,3 +54,6 @@ def test_vit_small_stream_mlp_and_heads():
     assert len(hidden) == 12 and {spec.group_sizes[h] for h in hidden} == {1536}
     proj_in = spec.axes["blocks.0.attn.proj.weight"][1]["prod"]
     assert [spec.group_sizes[p["g"]] for p in proj_in] == [6, 64]  # heads x within-head dims
+    q, k, v = spec.axes["blocks.0.attn.qkv.weight"][0]["cat"]
+    assert q == k and v == {"prod": proj_in} and q["prod"][1] != v["prod"][1]
+    assert len(spec.groups) == 1 + 12 * 4  # stream; per block: MLP hidden, heads, q·k dims, v dims

@@ -24,7 +24,7 @@ def broadcast(ctx, *args, **kwargs):
 @builtin_rule(*(f"aten.{n}" for n in UNARY))
 def unary(ctx, x, *args, **kwargs):
     """Element-wise in ``x`` (other arguments are scalars or only supply a dtype/device): out ~ x."""
-    return ctx.lay(x)
+    return ctx.stacked(x) or ctx.lay(x)
 
 
 @builtin_rule("aten.native_dropout")

@@ -8,8 +8,38 @@ def _dim(d, n):
     return d + n if d < 0 else d
 
 
-def reshape_layout(ctx, lay, in_shape, out_shape):
-    """Map atoms through a reshape: merged axes form products, split axes factor their atom."""
+_PASS = {"aten.permute", "aten.transpose", "aten.contiguous", "aten.clone", "aten.alias"}
+
+
+def _selected_axis(node, axis):
+    """Follow ``node``'s users through permutes; the axis ``axis`` ends up at, if every path ends in unbind/select of it."""
+    import torch
+    hits = []
+    for u in node.users:
+        name = f"aten.{u.target._opname}" if isinstance(u.target, torch._ops.OpOverload) else ""
+        n = len(node.meta["val"].shape)
+        if name == "aten.permute":
+            hits.append(_selected_axis(u, [d % n for d in u.args[1]].index(axis)))
+        elif name == "aten.transpose":
+            d0, d1 = u.args[1] % n, u.args[2] % n
+            hits.append(_selected_axis(u, d1 if axis == d0 else d0 if axis == d1 else axis))
+        elif name in _PASS:
+            hits.append(_selected_axis(u, axis))
+        elif name in ("aten.unbind", "aten.select"):
+            dim = (u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)) % n
+            hits.append(dim == axis)
+        else:
+            hits.append(False)
+    return bool(hits) and all(hits)
+
+
+def reshape_layout(ctx, lay, in_shape, out_shape, stack_at=None):
+    """Map atoms through a reshape: merged axes form products, split axes factor their atom.
+
+    With ``stack_at`` (an output axis that leads a split and is later unbound), the split atom is
+    cut into one slice per index of that axis, each with its own factors; returns a ``Stacked``.
+    """
+    stacked = None
     ins = [(a, s) for a, s in zip(lay, in_shape) if s != 1]
     outs = [i for i, s in enumerate(out_shape) if s != 1]
     out = [ctx.fresh(1) if s == 1 else None for s in out_shape]
@@ -24,17 +54,39 @@ def reshape_layout(ctx, lay, in_shape, out_shape):
             else:
                 gj.append(outs[j]); pj *= out_shape[outs[j]]; j += 1
         src = gi[0] if len(gi) == 1 else ctx.prod(gi)
+        if stack_at is not None and len(gj) > 1 and gj[0] == stack_at:
+            k, rest = out_shape[gj[0]], [out_shape[i] for i in gj[1:]]
+            slices = ctx.split_cat(src, [pj // k] * k, "reshape of a fused axis")
+            stacked = (gj, [ctx.split_prod(sl, rest, "reshape of a fused axis") for sl in slices])
+            continue
         parts = [src] if len(gj) == 1 else ctx.split_prod(src, [out_shape[k] for k in gj], "reshape")
         for k, p in zip(gj, parts):
             out[k] = p
-    return tuple(out)
+    if stacked is None:
+        return tuple(out)
+    from .._infer import Stacked
+    gj, per_slice = stacked
+    sel = ctx.fresh(out_shape[gj[0]], f"slices of a fused axis taken apart at {ctx.where}")
+    parts = []
+    for atoms in per_slice:
+        part = list(out)
+        part[gj[0]] = sel
+        for k, a in zip(gj[1:], atoms):
+            part[k] = a
+        parts.append(tuple(part))
+    return Stacked(gj[0], parts)
 
 
 @builtin_rule("aten.reshape", "aten.view", "aten._unsafe_view", "aten.reshape_as", "aten.view_as",
                "aten._reshape_alias")
 def reshape(ctx, x, *args, **kwargs):
-    """Reshape: axes merged into one carry the product of their atoms; a split axis is factored."""
-    return reshape_layout(ctx, ctx.lay(x), ctx.shape(x), ctx.out_shape())
+    """Reshape: axes merged into one carry the product of their atoms; a split axis is factored.
+
+    A split (k, ...) whose k slices are later unbound (fused qkv) gives each slice its own atoms.
+    """
+    out_shape = ctx.out_shape()
+    stack_at = next((i for i, s in enumerate(out_shape) if s > 1 and _selected_axis(ctx.node, i)), None)
+    return reshape_layout(ctx, ctx.lay(x), ctx.shape(x), out_shape, stack_at)
 
 
 @builtin_rule("aten.flatten")
@@ -52,13 +104,29 @@ def unflatten(ctx, x, dim, sizes):
 @builtin_rule("aten.permute")
 def permute(ctx, x, dims):
     """Axes reorder; atoms move with them."""
+    st = ctx.stacked(x)
+    if st is not None:
+        n = len(st.parts[0])
+        dims = [_dim(d, n) for d in dims]
+        return _restack(st, dims.index(st.axis), [tuple(p[d] for d in dims) for p in st.parts])
     lay = ctx.lay(x)
     return tuple(lay[_dim(d, len(lay))] for d in dims)
+
+
+def _restack(st, axis, parts):
+    from .._infer import Stacked
+    return Stacked(axis, parts)
 
 
 @builtin_rule("aten.transpose", "aten.swapaxes", "aten.swapdims")
 def transpose(ctx, x, d0, d1):
     """Two axes swap; atoms move with them."""
+    st = ctx.stacked(x)
+    if st is not None:
+        n = len(st.parts[0])
+        dims = list(range(n))
+        dims[_dim(d0, n)], dims[_dim(d1, n)] = dims[_dim(d1, n)], dims[_dim(d0, n)]
+        return permute(ctx, x, dims)
     lay = list(ctx.lay(x))
     d0, d1 = _dim(d0, len(lay)), _dim(d1, len(lay))
     lay[d0], lay[d1] = lay[d1], lay[d0]
@@ -174,7 +242,13 @@ def split(ctx, x, size_or_chunks, dim=0):
 
 @builtin_rule("aten.unbind")
 def unbind(ctx, x, dim=0):
-    """Unbind: the axis selects which output, so its atom is pinned; other axes pass through."""
+    """Unbind: the axis selects which output, so its atom is pinned; other axes pass through.
+
+    A stacked input (fused qkv) hands each output its own slice's atoms.
+    """
+    st = ctx.stacked(x)
+    if st is not None and _dim(dim, len(st.parts[0])) == st.axis:
+        return [p[:st.axis] + p[st.axis + 1:] for p in st.parts]
     lay = ctx.lay(x)
     d = _dim(dim, len(lay))
     ctx.pin(lay[d], "axis indexed by unbind")
@@ -184,6 +258,10 @@ def unbind(ctx, x, dim=0):
 @builtin_rule("aten.select")
 def select(ctx, x, dim, index):
     """Select one index: the axis is pinned (a position is read) and removed."""
+    st = ctx.stacked(x)
+    if st is not None and _dim(dim, len(st.parts[0])) == st.axis:
+        p = st.parts[index]
+        return p[:st.axis] + p[st.axis + 1:]
     lay = ctx.lay(x)
     d = _dim(dim, len(lay))
     ctx.pin(lay[d], "axis indexed by select")
