@@ -400,3 +400,19 @@ def test_multiple_inputs_and_outputs():
 
     spec, err = spec_and_error(Two(), (torch.randn(2, 3), torch.randn(2, 5)))
     assert len(spec.groups) == 1 and spec.groups[0].size == 8 and err < TOL
+
+
+class ClampByTensor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.lo = nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        return self.c(torch.clamp(self.a(x), min=self.lo))
+
+
+def test_clamp_by_a_tensor_ties_the_bound():
+    spec, err = spec_and_error(ClampByTensor(), torch.randn(3, 4))
+    assert ("lo", 0) in next(iter(tied_sets(spec)))
+    assert err < TOL

@@ -15,7 +15,8 @@ logical_or logical_xor bitwise_and bitwise_or atan2 fmod remainder floor_divide 
 masked_fill hypot xlogy copy copy_""".split()
 
 
-@builtin_rule(*(f"aten.{n}" for n in BINARY))
+@builtin_rule(*(f"aten.{n}" for n in BINARY), "aten.clamp.Tensor", "aten.clamp_.Tensor", "aten.clamp_min.Tensor",
+              "aten.clamp_max.Tensor", "aten.clamp_min_.Tensor", "aten.clamp_max_.Tensor")
 def broadcast(ctx, *args, **kwargs):
     """Element-wise with broadcasting: aligned axes of all tensor arguments and the output tie."""
     return ctx.broadcast(*args, *kwargs.values())
