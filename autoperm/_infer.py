@@ -119,7 +119,7 @@ class Context:
         out = self.atoms.as_prod(a, list(sizes))
         if out is None:
             self.pin(a, f"{why}: cannot factor {self.size(a)} as {list(sizes)}")
-            out = [self.fresh(s, f"{why} at {self.where}") for s in sizes]
+            out = [self.fresh(s, self.atoms.pinned(a)) for s in sizes]  # the pieces keep the atom's reason
         return out
 
     def split_cat(self, a: int, sizes: Sequence[int], why: str) -> list[int]:
@@ -127,7 +127,7 @@ class Context:
         out = self.atoms.as_cat(a, list(sizes))
         if out is None:
             self.pin(a, f"{why}: cannot cut {self.size(a)} into {list(sizes)}")
-            out = [self.fresh(s, f"{why} at {self.where}") for s in sizes]
+            out = [self.fresh(s, self.atoms.pinned(a)) for s in sizes]  # the pieces keep the atom's reason
         return out
 
     def broadcast(self, *xs) -> Layout:
