@@ -9,6 +9,10 @@ True
 """
 from ._infer import axis_graph, infer_spec
 from ._trace import TraceError
+from .barrier import (
+    Curve, Repair, average_states, interpolate_states, interpolation_curve, layerwise_curves, merge_models,
+    reset_bn_stats,
+)
 from .check import check_invariance, randomize_
 from .permutation import (
     Permutation, apply_permutation, compose_permutations, identity_permutation, inverse_permutation,
@@ -22,5 +26,7 @@ __all__ = [
     "PermutationSpec", "Group", "Member", "Pin",
     "Permutation", "random_permutation", "identity_permutation", "inverse_permutation",
     "compose_permutations", "apply_permutation", "permute_model_",
+    "interpolation_curve", "Curve", "interpolate_states", "average_states", "reset_bn_stats", "Repair",
+    "layerwise_curves", "merge_models",
 ]
 __version__ = "0.1.0"
