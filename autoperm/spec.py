@@ -158,6 +158,55 @@ class PermutationSpec:
             [Pin(**p) for p in d.get("pinned", [])], d.get("shapes", {}), d.get("unsupported", []),
         )
 
+    def expr_size(self, expr) -> int:
+        """Number of indices an axis expression spans."""
+        if "g" in expr:
+            return self.group_sizes[expr["g"]]
+        if "fixed" in expr:
+            return expr["fixed"]
+        sizes = [self.expr_size(e) for e in next(iter(expr.values()))]
+        if "cat" in expr:
+            return sum(sizes)
+        out = 1
+        for x in sizes:
+            out *= x
+        return out
+
+    def locate(self, key: str, axis: int, group: str) -> tuple[int, int]:
+        """``(offset, stride)``: unit ``u`` of ``group`` sits at index ``offset + u * stride`` of the axis.
+
+        With other coordinates at zero; in a product, the factors after the group repeat each
+        unit ``stride`` times (heads × head dim: the head group has stride = head dim).
+
+        >>> spec = PermutationSpec.from_axes({"w": [{"cat": [{"fixed": 2}, {"prod": [{"g": "h"}, {"g": "d"}]}]}]},
+        ...                                  {"h": 3, "d": 4})
+        >>> spec.locate("w", 0, "h"), spec.locate("w", 0, "d")
+        ((2, 4), (2, 1))
+        """
+        found = self._locate(self.axes[key][axis], group)
+        if found is None:
+            raise KeyError(f"group {group!r} does not act on {key}:{axis}")
+        return found
+
+    def _locate(self, expr, group):
+        if not expr or "fixed" in expr:
+            return None
+        if "g" in expr:
+            return (0, 1) if expr["g"] == group else None
+        parts = next(iter(expr.values()))
+        sizes = [self.expr_size(e) for e in parts]
+        for i, e in enumerate(parts):
+            hit = self._locate(e, group)
+            if hit is None:
+                continue
+            if "cat" in expr:
+                return sum(sizes[:i]) + hit[0], hit[1]
+            inner = 1
+            for x in sizes[i + 1:]:
+                inner *= x
+            return hit[0] * inner, hit[1] * inner
+        return None
+
     def to_axes_to_perm(self, strict: bool = False) -> tuple[dict, dict]:
         """Export to git-re-basin's form: ``(perm_to_axes, axes_to_perm)``.
 
