@@ -30,6 +30,8 @@ def main():
            "counted per reason over the state dict's axes (or parts of axes) of size > 1.", "",
            "| model | groups | permutable units | params with a permuted axis | error eval | error train | infer (s) | pinned axes by reason |",
            "|---|---:|---:|---:|---:|---:|---:|---|"]
+    details = ["", "## Every pinned axis, per model", "",
+               "Each line: state-dict key, axis, number of indices pinned, reason (with the graph node).", ""]
     for name in MODELS:
         m, x = build(name)
         t0 = time.perf_counter()
@@ -43,9 +45,11 @@ def main():
         out.append(f"| {name} | {len(spec.groups)} | {spec.num_units} | {spec.permuted_fraction():.1%} | {e:.1e} | {et} "
                    f"| {dt:.1f} | {pin_txt} |")
         print(out[-1], flush=True)
+        details += [f"<details><summary>{name}: {len(spec.pinned)} pinned</summary>", "", "```"]
+        details += [f"{p.key}:{p.axis} ({p.size}) {p.reason}" for p in spec.pinned] + ["```", "</details>", ""]
     path = os.path.join(os.path.dirname(__file__), "..", "docs", "core-models.md")
     with open(path, "w") as f:
-        f.write("\n".join(out) + "\n")
+        f.write("\n".join(out + details) + "\n")
 
 
 if __name__ == "__main__":
