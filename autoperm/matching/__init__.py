@@ -1,0 +1,13 @@
+"""Matching: the permutation that aligns model B to model A, for any inferred spec.
+
+Three matchers share one result type, a ``Permutation`` (``{group: LongTensor}``) such that
+``apply_permutation(spec, perm, state_b)`` is B aligned to A:
+
+- ``weight_matching(spec, state_a, state_b)``: permutation coordinate descent on the weights;
+- ``activation_matching(spec, model_a, model_b, batches)``: correlation of hidden activations;
+- ``ste_matching(spec, model_a, model_b, batches, loss_fn, steps=..., lr=...)``: the
+  straight-through estimator (midpoint loss, projection by weight matching).
+"""
+from .weight import weight_matching
+
+__all__ = ["weight_matching"]
