@@ -8,11 +8,11 @@ hardsigmoid_ hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ selu celu mish m
 log log1p expm1 sqrt rsqrt abs square sin cos erf reciprocal sign floor ceil round trunc frac clamp clamp_
 clamp_min clamp_min_ clamp_max clamp_max_ logical_not bitwise_not isnan isinf nan_to_num dropout dropout_
 feature_dropout alpha_dropout contiguous clone alias detach lift_fresh_copy _to_copy to type_as
-silu_backward sgn fill_ zero_""".split()
+silu_backward sgn fill_ zero_ detach_""".split()
 
 BINARY = """add add_ sub sub_ rsub mul mul_ div div_ maximum minimum pow where eq ne gt lt ge le logical_and
 logical_or logical_xor bitwise_and bitwise_or atan2 fmod remainder floor_divide addcmul addcdiv lerp
-masked_fill hypot xlogy copy copy_""".split()
+masked_fill hypot xlogy copy copy_ bitwise_xor __and__ __or__ __xor__""".split()
 
 
 @builtin_rule(*(f"aten.{n}" for n in BINARY), "aten.clamp.Tensor", "aten.clamp_.Tensor", "aten.clamp_min.Tensor",

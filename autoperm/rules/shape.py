@@ -317,6 +317,19 @@ def cumulative(ctx, x, dim, *args, **kwargs):
     return _pin_axes(ctx, x, dim, "scanned axis")
 
 
+@builtin_rule("aten.diff")
+def diff(ctx, x, n=1, dim=-1, prepend=None, append=None):
+    """Differences of neighbours along ``dim`` (positions matter: pinned, out[dim] pinned); other axes ~ out."""
+    lay = _pin_axes(ctx, x, dim, "differenced axis")
+    d = _dim(dim, len(lay))
+    for extra in (prepend, append):
+        if ctx.lay(extra) is not None:
+            le = ctx.lay(extra)
+            ctx.pin(le[d], "differenced axis")
+            ctx.unify(lay[:d] + lay[d + 1:], le[:d] + le[d + 1:])
+    return lay[:d] + (ctx.fresh(ctx.out_shape()[d], f"differenced axis at {ctx.where}"),) + lay[d + 1:]
+
+
 @builtin_rule("aten.sort")
 def sort(ctx, x, dim=-1, descending=False):
     """Sort returns (values, indices) ordered along ``dim``: pin it."""
