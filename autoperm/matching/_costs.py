@@ -31,8 +31,7 @@ import torch
 
 from ..spec import PermutationSpec, walk_groups
 
-__all__ = ["Unit", "Pair", "Layout", "build_layout", "check_states", "gather_b", "gather_a", "leaf_index",
-           "objective"]
+__all__ = ["Unit", "Layout", "CostCache", "build_layout", "check_states", "leaf_index", "objective"]
 
 
 @dataclass
@@ -80,9 +79,8 @@ def check_states(spec: PermutationSpec, **states: Mapping[str, torch.Tensor]) ->
                 continue
             if not t.is_floating_point():
                 raise ValueError(f"{name}[{key!r}] must be floating point, got {t.dtype}")
-            # one float64 sum is much cheaper than isfinite over every element; it is not finite
-            # exactly when some element is not (float64 cannot overflow on float32/16 inputs)
-            if t.numel() and not math.isfinite(float(t.sum(dtype=torch.float64))):
+            # a sum is finite unless an element is not or the sum overflows: check elements only then
+            if t.numel() and not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name}[{key!r}] has NaN or infinite values")
     names = list(states)
     for other in names[1:]:
@@ -212,42 +210,125 @@ def leaf_index(spec: PermutationSpec, expr, perm: Mapping[str, torch.Tensor], ow
 
 # -- matrices --------------------------------------------------------------------------------------
 def _gather(t: torch.Tensor, axis: int, indices: list, rows: int) -> torch.Tensor:
-    """``t`` with ``indices[k]`` (None: keep) taken on axis k, ``axis`` first, as ``[rows, rest]``:
-    one gather kernel straight into the final layout."""
+    """``t`` with ``indices[k]`` (None: all, in order) taken on axis k, as ``[rows, rest]`` with ``axis`` first.
+
+    The axis is moved first, so the first index_select writes the final layout (one copy)."""
     t = t.movedim(axis, 0)
-    indices = [indices[axis]] + indices[:axis] + indices[axis + 1:]
-    last = max((k for k, i in enumerate(indices) if i is not None), default=-1)
-    if last >= 0:
-        idx = [torch.arange(t.shape[k], device=t.device) if i is None else i for k, i in enumerate(indices[:last + 1])]
-        idx = [i.reshape([-1] + [1] * (last - k)) for k, i in enumerate(idx)]
-        t = t[tuple(idx)]
+    for k, old in enumerate([axis] + [k for k in range(t.dim()) if k != axis]):
+        if indices[old] is not None:
+            t = t.index_select(k, indices[old])
     return t.reshape(rows, -1)
 
 
-def gather_a(unit: Unit, a: torch.Tensor, dtype) -> torch.Tensor:
-    """``A_G``: ``[|G|, rest]`` (pairs: ``[|G|·|H|, rest]``); a view when the layout allows."""
-    idx = [None] * a.dim()
-    if unit.table is not None:
-        idx[unit.axis] = unit.table.reshape(-1)
-    rows = a.shape[unit.axis] if unit.table is None else unit.table[..., 0].numel()
-    return _gather(a, unit.axis, idx, rows).to(dtype)
+def _rows(unit: Unit, t: torch.Tensor) -> int:
+    return t.shape[unit.axis] if unit.table is None else unit.table[..., 0].numel()
 
 
-def gather_b(spec: PermutationSpec, unit: Unit, b: torch.Tensor, perm, dtype) -> torch.Tensor:
-    """``B_G``: B with every permutation but the unit's own leaves applied, laid out like ``gather_a``."""
+def b_indices(spec: PermutationSpec, unit: Unit, perm, device) -> list:
+    """Per-axis gather indices of the unit's B side (every permutation applied but its own leaves);
+    the unit axis' entry is already taken through the table (None: identity)."""
     idx = []
     for axis, e in enumerate(spec.axes[unit.key]):
         if e is None or (axis != unit.axis and not walk_groups(e)):
             idx.append(None)
             continue
-        own = unit.own if axis == unit.axis else frozenset()
-        i = leaf_index(spec, e, perm, own) if (axis != unit.axis or not unit.alone) else None
+        if axis != unit.axis:
+            i = leaf_index(spec, e, perm).to(device)
+        else:
+            i = None if unit.alone else leaf_index(spec, e, perm, unit.own).to(device)
         if axis == unit.axis and unit.table is not None:
             flat = unit.table.reshape(-1)
-            i = flat if i is None else i.to(b.device)[flat]
-        idx.append(None if i is None else i.to(b.device))
-    rows = b.shape[unit.axis] if unit.table is None else unit.table[..., 0].numel()
-    return _gather(b, unit.axis, idx, rows).to(dtype)
+            i = flat if i is None else i[flat]
+        idx.append(i)
+    return idx
+
+
+class CostCache:
+    """Cost matrices ``Σ_units A_G B_G^T``, kept between visits when the memory budget allows.
+
+    A kept matrix is updated, rather than recomputed, through the positions whose B-side index
+    changed since: for an axis whose index changed at positions ``ch``, the contribution changes
+    by ``A[.., ch, ..] (B_new - B_old)[.., ch, ..]^T``, a product over a slab of the tensor only
+    (several changed axes telescope: each slab uses the axes already updated at their new
+    indices). Late sweeps change few positions, so they cost a fraction of a full product.
+    """
+
+    def __init__(self, spec: PermutationSpec, state_a, state_b, dtype, keep=()):
+        self.spec, self.a, self.b, self.dtype = spec, state_a, state_b, dtype
+        self.keep = set(keep)
+        self.entries: dict = {}
+
+    def cost(self, name, units, perm) -> torch.Tensor:
+        """The cost matrix of ``units`` under ``perm`` (do not modify it in place)."""
+        device = self.a[units[0].key].device
+        new = [b_indices(self.spec, u, perm, device) for u in units]
+        entry = self.entries.get(name)
+        if entry is not None:
+            cost, old = entry
+            plans = [_changes(u, self.a[u.key], o, n) for u, o, n in zip(units, old, new)]
+            work = sum(self.a[u.key].numel() for u in units)
+            if sum(f * self.a[u.key].numel() for u, (f, _) in zip(units, plans)) < 0.5 * work:
+                for u, o, (_, steps) in zip(units, old, plans):
+                    self._update(cost, u, o, steps)
+                self.entries[name] = (cost, new)
+                return cost
+        cost = None
+        for u, idx in zip(units, new):
+            a_g = self._a(u, [None] * self.a[u.key].dim(), None)
+            b_g = _gather(self.b[u.key], u.axis, idx, _rows(u, self.b[u.key])).to(self.dtype)
+            cost = a_g @ b_g.T if cost is None else cost.addmm_(a_g, b_g.T)
+        if name in self.keep:
+            self.entries[name] = (cost, new)
+        return cost
+
+    def _a(self, u: Unit, idx: list, cols) -> torch.Tensor:
+        """A's side of unit ``u``, other axes restricted by ``idx``, table columns by ``cols``."""
+        a = self.a[u.key]
+        if u.table is not None:
+            table = u.table if cols is None else u.table[..., cols]
+            idx = list(idx)
+            idx[u.axis] = table.reshape(-1)
+        return _gather(a, u.axis, idx, _rows(u, a)).to(self.dtype)
+
+    def _update(self, cost, u: Unit, old: list, steps: list) -> None:
+        current = list(old)
+        b = self.b[u.key]
+        rows = _rows(u, b)
+        for axis, where, new_k in steps:
+            if axis == u.axis:  # ``where``: table columns
+                shape = (*u.table.shape[:-1], -1)
+                pick = lambda i: None if i is None else i.reshape(shape)[..., where].reshape(-1)
+                a_s = self._a(u, [None] * b.dim(), where)
+            else:
+                pick = lambda i: where if i is None else i[where]
+                a_s = self._a(u, [where if k == axis else None for k in range(b.dim())], None)
+            before = [pick(i) if k == axis else i for k, i in enumerate(current)]
+            current[axis] = new_k
+            after = [pick(i) if k == axis else i for k, i in enumerate(current)]
+            diff = _gather(b, u.axis, after, rows).to(self.dtype) - _gather(b, u.axis, before, rows).to(self.dtype)
+            cost.addmm_(a_s, diff.T)
+
+
+def _changes(u: Unit, a: torch.Tensor, old: list, new: list) -> tuple[float, list]:
+    """``(fraction of the unit's elements touched, [(axis, positions, new index)])`` between two index lists."""
+    frac, steps = 0.0, []
+    for axis, (o, n) in enumerate(zip(old, new)):
+        if o is None and n is None:
+            continue
+        size = a.shape[axis]
+        o = o if o is not None else torch.arange(size, device=n.device)
+        n = n if n is not None else torch.arange(size, device=o.device)
+        if axis == u.axis and u.table is not None:
+            m = u.table.shape[-1]
+            diff = (o.reshape(-1, m) != n.reshape(-1, m)).any(0)
+            where = torch.nonzero(diff).reshape(-1)
+            frac += len(where) / m
+        else:
+            where = torch.nonzero(o != n).reshape(-1)
+            frac += len(where) / size
+        if len(where):
+            steps.append((axis, where, new[axis]))
+    return frac, steps
 
 
 @torch.no_grad()
@@ -255,8 +336,9 @@ def objective(spec: PermutationSpec, state_a, state_b, perm, keys=None) -> float
     """``Σ_keys <A, P(B)>`` (float64) over ``keys`` (default: every tensor that carries a group)."""
     total = 0.0
     for key in keys if keys is not None else [k for k, ex in spec.axes.items() if any(ex)]:
-        exprs = spec.axes[key]
-        b = _gather(state_b[key], 0, [None if not walk_groups(e) else leaf_index(spec, e, perm).to(state_b[key].device)
-                                      for e in exprs], len(state_b[key]) if exprs else 1)
-        total += float(torch.dot(state_a[key].reshape(-1).double(), b.reshape(-1).double()))
+        b = state_b[key]
+        for axis, e in enumerate(spec.axes[key]):
+            if walk_groups(e):
+                b = b.index_select(axis, leaf_index(spec, e, perm).to(b.device))
+        total += float(torch.sum(state_a[key] * b, dtype=torch.float64))
     return total

@@ -1,11 +1,32 @@
-"""Linear assignment: the one solver every matcher calls."""
+"""Linear assignment: the one solver every matcher calls.
+
+Uses the ``lap`` package (Jonker-Volgenant, LAPJV) when it is installed: on weight-matching cost
+matrices it is 2-5× faster than scipy's ``linear_sum_assignment`` (measured in
+``docs/performance.md``). Both are exact; scipy is the fallback.
+"""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["solve"]
+try:
+    import lap as _lap
+except ImportError:  # pragma: no cover - depends on the environment
+    _lap = None
+
+__all__ = ["solve", "solve_numpy"]
+
+
+def solve_numpy(cost: np.ndarray) -> np.ndarray:
+    """The permutation ``p`` maximising ``Σ_i cost[i, p[i]]`` of a square float64 array (int64 array)."""
+    if _lap is not None and len(cost) > 1:
+        _, x, _ = _lap.lapjv(-cost, extend_cost=False)
+        return x.astype(np.int64)
+    rows, cols = linear_sum_assignment(cost, maximize=True)
+    out = np.empty(len(rows), dtype=np.int64)
+    out[rows] = cols
+    return out
 
 
 def solve(cost: torch.Tensor) -> torch.Tensor:
@@ -14,8 +35,4 @@ def solve(cost: torch.Tensor) -> torch.Tensor:
     >>> solve(torch.tensor([[0.0, 1.0], [1.0, 0.0]])).tolist()
     [1, 0]
     """
-    c = cost.detach().to("cpu", torch.float64).numpy()
-    rows, cols = linear_sum_assignment(c, maximize=True)
-    out = np.empty(len(rows), dtype=np.int64)
-    out[rows] = cols
-    return torch.from_numpy(out)
+    return torch.from_numpy(solve_numpy(np.ascontiguousarray(cost.detach().to("cpu", torch.float64).numpy())))

@@ -6,13 +6,12 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
 from ..permutation import Permutation, validate_permutation
 from ..spec import PermutationSpec
-from ._costs import Layout, build_layout, check_states, gather_a, gather_b, objective
-from ._lap import solve
+from ._costs import CostCache, Layout, build_layout, check_states, objective
+from ._lap import solve_numpy
 
 __all__ = ["weight_matching"]
 
@@ -74,6 +73,7 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], 
     dtype = torch.float64 if any(state_a[k].dtype == torch.float64 for k in permuted) else torch.float32
     layout = build_layout(spec, device)
     groups = [g for g in spec.group_sizes if layout.units[g]]
+    budget = 0.5 * sum(s[k].numel() * s[k].element_size() for s in (state_a, state_b) for k in permuted)
     start = {g: (init[g] if init is not None else torch.arange(n)).long().to(device)
              for g, n in spec.group_sizes.items()}
 
@@ -81,8 +81,9 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], 
     bar = tqdm(total=restarts * max_iter, desc="weight matching", unit="sweep", leave=False,
                disable=(None if progress is None else not progress), delay=2.0 if progress is None else 0.0)
     for restart in range(restarts):
-        perm = _descend(spec, layout, groups, state_a, state_b, dict(start), random.Random(f"{seed}:{restart}"),
-                        max_iter, dtype, bar, restart)
+        costs = CostCache(spec, state_a, state_b, dtype, _kept(spec, layout, state_a, dtype, budget))
+        perm = _descend(spec, layout, groups, costs, dict(start), random.Random(f"{seed}:{restart}"), max_iter, bar,
+                        restart)
         obj = objective(spec, state_a, state_b, perm) if restarts > 1 else 0.0
         if best is None or obj > best_obj:
             best, best_obj = perm, obj
@@ -90,7 +91,30 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], 
     return {g: p.cpu() for g, p in best.items()}
 
 
-def _descend(spec, layout: Layout, groups, state_a, state_b, perm, rng, max_iter, dtype, bar, restart) -> dict:
+def _kept(spec, layout: Layout, state_a, dtype, budget: float) -> list:
+    """The cost matrices worth keeping between visits: most product work per byte first, within ``budget``."""
+    size = torch.empty((), dtype=dtype).element_size()
+    cands = []
+    for g, units in layout.units.items():
+        sets = [(("units", g), units)]
+        if g in layout.pairs:
+            unpaired, pairs = layout.pairs[g]
+            sets.append((("unpaired", g), unpaired))
+            sets += [(("pair", g, h), [u for u in pairs if u.partner == h]) for h in dict.fromkeys(u.partner for u in pairs)]
+        for name, us in sets:
+            if us:
+                rows = us[0].table[..., 0].numel() if us[0].table is not None else spec.group_sizes[g]
+                work = sum(state_a[u.key].numel() for u in us)
+                cands.append((work / rows, rows * rows * size, name))
+    keep, used = [], 0
+    for _, nbytes, name in sorted(cands, key=lambda c: -c[0]):
+        if used + nbytes <= budget:
+            keep.append(name)
+            used += nbytes
+    return keep
+
+
+def _descend(spec, layout: Layout, groups, costs, perm, rng, max_iter, bar, restart) -> dict:
     """One run of coordinate descent from ``perm``; returns the final permutation."""
     version = dict.fromkeys(spec.group_sizes, 0)
     solved_at: dict = {}
@@ -103,9 +127,9 @@ def _descend(spec, layout: Layout, groups, state_a, state_b, perm, rng, max_iter
             if solved_at.get(g) == stamp:  # same cost as at its last solve: same answer
                 continue
             solved_at[g] = stamp
-            moved = _block_step(spec, layout, g, state_a, state_b, perm, dtype) if g in layout.pairs else None
+            moved = _block_step(spec, layout, g, costs, perm) if g in layout.pairs else None
             if moved is None:
-                moved = _linear_step(spec, layout, g, state_a, state_b, perm, dtype)
+                moved = _linear_step(layout, g, costs, perm)
             for h, p in moved.items():
                 perm[h] = p
                 version[h] += 1
@@ -121,52 +145,42 @@ def _better(new: float, old: float) -> bool:
     return new > old + 1e-12 * (abs(new) + abs(old))
 
 
-def _cost(spec, units, state_a, state_b, perm, dtype, cost=None):
-    """``Σ_units A_G B_G^T`` (added to ``cost`` if given)."""
-    for u in units:
-        a_g, b_g = gather_a(u, state_a[u.key], dtype), gather_b(spec, u, state_b[u.key], perm, dtype)
-        cost = a_g @ b_g.T if cost is None else cost.addmm_(a_g, b_g.T)
-    return cost
-
-
-def _linear_step(spec, layout, g, state_a, state_b, perm, dtype) -> dict:
+def _linear_step(layout, g, costs: CostCache, perm) -> dict:
     """The best permutation of ``g`` with the others fixed: ``{g: p}`` if it raises the objective, else ``{}``."""
-    cost = _cost(spec, layout.units[g], state_a, state_b, perm, dtype)
-    new = solve(cost).to(cost.device)
-    rows = torch.arange(len(new), device=cost.device)
-    if _better(float(cost[rows, new].double().sum()), float(cost[rows, perm[g]].double().sum())):
-        return {g: new}
+    cost = costs.cost(("units", g), layout.units[g], perm).detach().to("cpu", torch.float64).numpy()
+    new, rows = solve_numpy(cost), np.arange(len(cost))
+    if _better(cost[rows, new].sum(), cost[rows, perm[g].cpu().numpy()].sum()):
+        return {g: torch.from_numpy(new).to(perm[g].device)}
     return {}
 
 
-def _block_step(spec, layout, g, state_a, state_b, perm, dtype) -> dict | None:
+def _block_step(spec, layout, g, costs: CostCache, perm) -> dict | None:
     """Solve ``g`` with its larger product partners: ``{group: p}`` for the groups it moves, or None if the
     joint move does not raise the objective."""
     unpaired, pairs = layout.pairs[g]
     n = spec.group_sizes[g]
-    blocks: dict = {}
-    for u in pairs:
-        m = spec.group_sizes[u.partner]
-        full = _cost(spec, [u], state_a, state_b, perm, dtype).view(n, m, n, m).permute(0, 2, 1, 3)
-        blocks[u.partner] = full.clone() if u.partner not in blocks else blocks[u.partner].add_(full)
+    blocks = {}
+    for h in dict.fromkeys(u.partner for u in pairs):
+        m = spec.group_sizes[h]
+        full = costs.cost(("pair", g, h), [u for u in pairs if u.partner == h], perm)
+        blocks[h] = full.view(n, m, n, m).permute(0, 2, 1, 3).double().cpu().numpy()
     value = np.zeros((n, n))
     if unpaired:
-        value += _cost(spec, unpaired, state_a, state_b, perm, dtype).double().cpu().numpy()
-    blocks = {h: s.double().cpu().numpy() for h, s in blocks.items()}
+        value += costs.cost(("unpaired", g), unpaired, perm).double().cpu().numpy()
     for s in blocks.values():
+        inner = np.arange(s.shape[-1])
         for i in range(n):
             for j in range(n):
-                r, c = linear_sum_assignment(s[i, j], maximize=True)
-                value[i, j] += s[i, j, r, c].sum()
-    p_g = solve(torch.from_numpy(value))
+                value[i, j] += s[i, j, inner, solve_numpy(np.ascontiguousarray(s[i, j]))].sum()
+    p_g = solve_numpy(value)
     moved = {g: p_g}
     for h, s in blocks.items():
-        moved[h] = solve(torch.from_numpy(s[np.arange(n), p_g.numpy()].sum(0)))
+        moved[h] = solve_numpy(s[np.arange(n), p_g].sum(0))
     device = perm[g].device
-    moved = {h: p.to(device) for h, p in moved.items() if not torch.equal(p.to(device), perm[h])}
+    moved = {h: torch.from_numpy(p).to(device) for h, p in moved.items() if not np.array_equal(p, perm[h].cpu().numpy())}
     if not moved:
         return None
     keys = sorted({u.key for h in moved for u in layout.units[h]})
-    old = objective(spec, state_a, state_b, perm, keys)
-    new = objective(spec, state_a, state_b, {**perm, **moved}, keys)
+    old = objective(spec, costs.a, costs.b, perm, keys)
+    new = objective(spec, costs.a, costs.b, {**perm, **moved}, keys)
     return moved if _better(new, old) else None
