@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Evaluate the models (1-λ)·A + λ·B, with B as is (naive) and aligned to A, on "
                                     "labelled data; print the barriers and optionally plot the curves.")
     _pair_args(ba)
-    ba.add_argument("--method", choices=("weight", "activation", "ste"), default="weight", help="matcher (default weight)")
+    ba.add_argument("--method", choices=("weight", "activation", "ste"), default="weight",
+                    help="matcher (default weight)")
     ba.add_argument("--points", type=int, default=11, help="number of λ values from 0 to 1 (default 11)")
     ba.add_argument("--plot", metavar="PNG", help="write the curves as a PNG")
     ba.add_argument("--json", metavar="FILE", dest="json_out", help="write the curves and barriers as JSON")
@@ -180,7 +181,8 @@ def _infer(args, rm):
 
     t = time.perf_counter()
     spec = infer_spec(rm.module, rm.example_inputs)
-    _log(args, f"spec: {len(spec.group_sizes)} groups, {spec.num_units} units, inferred in {time.perf_counter() - t:.1f} s")
+    _log(args, f"spec: {len(spec.group_sizes)} groups, {spec.num_units} units, "
+               f"inferred in {time.perf_counter() - t:.1f} s")
     return spec
 
 
@@ -212,7 +214,8 @@ def _load_data(args, rm, need_labels: bool) -> _Data:
     if spec == "random":
         if need_labels:
             raise CLIError("barriers need labelled data: pass --data digits, mnist5k or a file with x and y")
-        return _Data([random_like(example, args.batch_size, args.seed + i) for i in range(args.num_batches)], None, None)
+        inputs = [random_like(example, args.batch_size, args.seed + i) for i in range(args.num_batches)]
+        return _Data(inputs, None, None)
     if len(example) != 1:
         raise CLIError(f"the model takes {len(example)} inputs; data sets and files give one (x); use --data random "
                        "or a factory with one input")
@@ -274,13 +277,15 @@ def _fit_shape(x: torch.Tensor, shape: tuple, where: str) -> torch.Tensor:
 def _align(args, rm, spec, a, b, data: _Data | None):
     from .plugins._align import align_states
 
-    options = {"seed": args.seed, "restarts": args.restarts, "max_iter": args.max_iter} if args.method == "weight" else {}
+    options = {}
+    if args.method == "weight":
+        options = {"seed": args.seed, "restarts": args.restarts, "max_iter": args.max_iter}
     t = time.perf_counter()
     batches = None
     if args.method == "activation":
         batches = data.inputs
     elif args.method == "ste":
-        batches = list(zip(data.inputs, data.labels or _pseudo_labels(rm.module, a, data.inputs)))
+        batches = list(zip(data.inputs, data.labels or _pseudo_labels(rm.module, a, data.inputs), strict=True))
     try:
         aligned, perms = align_states(spec, [a, b], args.method, model=rm.module, batches=batches, **options)
     except RuntimeError as e:
@@ -452,8 +457,8 @@ def format_spec(spec, rm=None, verbose: bool = False, invariance: float | None =
         blocks = sorted({spec.locate(m.key, m.axis, grp.name)[1] for m in grp.members})
         tensors = len({m.key for m in grp.members})
         forms = sorted({render_expr(m.expr, spec, grp.name) for m in grp.members}, key=len)
-        rows.append([grp.name, str(grp.size), "/".join(map(str, blocks)),
-                     f"{len(grp.members)} axes" + (f" in {tensors} tensors" if tensors != len(grp.members) else ""), _clip(", ".join(forms), 60)])
+        members = f"{len(grp.members)} axes" + (f" in {tensors} tensors" if tensors != len(grp.members) else "")
+        rows.append([grp.name, str(grp.size), "/".join(map(str, blocks)), members, _clip(", ".join(forms), 60)])
     lines += _table(["group", "size", "block", "members", "structure"], rows)
     if verbose:
         for grp in spec.groups:
@@ -478,7 +483,8 @@ def render_expr(expr, spec, mark: str | None = None) -> str:
     """A short text form of an axis expression: ``[3]x64`` is group ``mark`` (size 3) times a size-64 group.
 
     >>> from autoperm.spec import PermutationSpec
-    >>> s = PermutationSpec.from_axes({"w": [{"cat": [{"fixed": 2}, {"prod": [{"g": "h"}, {"g": "d"}]}]}]}, {"h": 3, "d": 4})
+    >>> w = {"cat": [{"fixed": 2}, {"prod": [{"g": "h"}, {"g": "d"}]}]}
+    >>> s = PermutationSpec.from_axes({"w": [w]}, {"h": 3, "d": 4})
     >>> render_expr(s.axes["w"][0], s, "h")
     'fixed:2 + [3]x4'
     """

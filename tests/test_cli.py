@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -286,7 +285,8 @@ def test_barrier_with_real_weight_matching_on_digits(factories, capsys):
     pytest.importorskip("sklearn")
     for i in (0, 1):  # two independent inits of mymodels:mlp with 64 inputs, 10 classes
         torch.manual_seed(i)
-        save_checkpoint(nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).state_dict(), factories / f"{i}.pt")
+        net = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+        save_checkpoint(net.state_dict(), factories / f"{i}.pt")
     (factories / "digits_mlp.py").write_text(
         "from torch import nn\ndef mlp():\n    return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))\n")
     assert main(["barrier", "--model", "digits_mlp:mlp", "--input-shape", "64", "0.pt", "1.pt", "--data", "digits",

@@ -194,7 +194,8 @@ def test_spec_format_doc_example_and_reference_implementation():
     state = {k: torch.randn(*s) if s else torch.tensor(7) for k, s in d["shapes"].items()}
     ns = {}
     exec(_doc_blocks("spec-format.md", "python")[0], ns)  # the reference implementation
-    theirs = ns["apply_permutation"](d, {k: v.tolist() for k, v in perm.items()}, {k: v.numpy() for k, v in state.items()})
+    plain_perm = {k: v.tolist() for k, v in perm.items()}
+    theirs = ns["apply_permutation"](d, plain_perm, {k: v.numpy() for k, v in state.items()})
     ours = autoperm.apply_permutation(spec, perm, state)
     for k in state:
         assert np.array_equal(theirs[k], ours[k].numpy()), k

@@ -212,7 +212,8 @@ def test_mergekit_merges_the_aligned_models(tmp_path, stand_in):
     config = _write_config(tmp_path)
     aligned_config = prepare_config(config, str(tmp_path / "aligned"))
     options = MergeOptions(device="cpu", copy_tokenizer=False)
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(open(aligned_config))), str(tmp_path / "merged"), options)
+    merge_config = MergeConfiguration.model_validate(yaml.safe_load(open(aligned_config)))
+    run_merge(merge_config, str(tmp_path / "merged"), options)
     _equal_states(load_hf_model(str(tmp_path / "merged")).state_dict(), a.state_dict())
 
     naive_config = yaml.safe_load(open(config))

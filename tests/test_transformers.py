@@ -125,7 +125,8 @@ def bert():
 def gpt2():
     cfg = transformers.GPT2Config(vocab_size=100, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=32,
                                   use_cache=False, bos_token_id=0, eos_token_id=0)
-    return Logits(transformers.GPT2LMHeadModel(cfg)), (torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long))
+    x = (torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long))
+    return Logits(transformers.GPT2LMHeadModel(cfg)), x
 
 
 def vit():

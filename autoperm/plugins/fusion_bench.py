@@ -96,14 +96,14 @@ class AutopermAlignment(BaseAlgorithm):
         aligned, perms = align_states(self.spec, [m.state_dict() for m in models], self.method, model=ref,
                                       batches=batches, **options)
         out = {}
-        for name, model, state in zip(names, models, aligned):
+        for name, model, state in zip(names, models, aligned, strict=True):
             m = copy.deepcopy(model)
             m.load_state_dict(state, strict=True)
             out[name] = m
         for name in modelpool.all_model_names:
             if name not in out:  # _pretrained_ and friends, unchanged
                 out[name] = modelpool.load_model(name)
-        self.permutations = dict(zip(names, perms))
+        self.permutations = dict(zip(names, perms, strict=True))
         pool = BaseModelPool(out)
         merge = self.merge
         if merge is None:

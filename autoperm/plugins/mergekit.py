@@ -108,8 +108,9 @@ def _save_dir(model: torch.nn.Module, src: str, dst: str, perm) -> None:
         model.save_pretrained(tmp)
         for name in os.listdir(src):
             path = os.path.join(src, name)
-            if os.path.isfile(path) and not name.endswith(_WEIGHT_FILES) and not os.path.exists(os.path.join(tmp, name)):
-                shutil.copy2(path, os.path.join(tmp, name))
+            target = os.path.join(tmp, name)
+            if os.path.isfile(path) and not name.endswith(_WEIGHT_FILES) and not os.path.exists(target):
+                shutil.copy2(path, target)
         with open(os.path.join(tmp, "autoperm_permutation.json"), "w", encoding="utf-8") as f:
             json.dump(permutation_to_dict(perm), f)
         if os.path.isdir(dst):
@@ -134,9 +135,10 @@ def prepare_config(config_path: str, out_dir: str, *, method: str = "weight", se
     base = os.path.dirname(os.path.abspath(config_path))
     refs = model_references(config)
     dirs = [r if os.path.isabs(r) else os.path.join(base, r) for r in refs]
-    for r, d in zip(refs, dirs):
+    for r, d in zip(refs, dirs, strict=True):
         if not os.path.isdir(d):
-            raise FileNotFoundError(f"{r}: not a local model folder; download it first (only local folders are aligned)")
+            raise FileNotFoundError(f"{r}: not a local model folder; download it first "
+                                    "(only local folders are aligned)")
     if len(dirs) < 2:
         raise ValueError(f"{config_path} names {len(dirs)} model(s); nothing to align")
     for d in dirs:
@@ -146,7 +148,7 @@ def prepare_config(config_path: str, out_dir: str, *, method: str = "weight", se
     outs = [None] + [os.path.join(os.path.abspath(out_dir), f"{i:02d}-{os.path.basename(os.path.normpath(d))}")
                      for i, d in enumerate(dirs) if i > 0]
     align_model_dirs(dirs, outs, method=method, seed=seed, **matcher_options)
-    mapping = {r: (os.path.abspath(d) if o is None else o) for r, d, o in zip(refs, dirs, outs)}
+    mapping = {r: (os.path.abspath(d) if o is None else o) for r, d, o in zip(refs, dirs, outs, strict=True)}
     new = _replace_refs(config, mapping)
     path = os.path.join(out_dir, CONFIG_NAME)
     write_text(path, yaml.safe_dump(new, sort_keys=False), inputs=(config_path,))
@@ -161,8 +163,8 @@ def _inside(path: str, folder: str) -> bool:
 
 def _replace_refs(obj, mapping: Mapping[str, str]):
     if isinstance(obj, dict):
-        return {k: (mapping.get(v, v) if k in ("model", "base_model") and isinstance(v, str) else _replace_refs(v, mapping))
-                for k, v in obj.items()}
+        return {k: mapping.get(v, v) if k in ("model", "base_model") and isinstance(v, str)
+                else _replace_refs(v, mapping) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_replace_refs(v, mapping) for v in obj]
     return obj
