@@ -102,13 +102,14 @@ def align_all(spec, model_a: nn.Module, model_b: nn.Module, methods, batches, *,
               ste_lr: float = 1e-3, seed: int = 0) -> dict:
     """``{label: (aligned state of B, seconds)}`` for ``"naive"`` and each requested matcher.
 
-    Labels: ``"weight"`` (weight matching), ``"activation"``, ``"ste"`` (straight-through).
+    Labels: ``"weight"`` (weight matching, one visiting order), ``"weight5"`` (best of 5 orders),
+    ``"activation"``, ``"ste"`` (straight-through).
     """
     sa, sb = model_a.state_dict(), model_b.state_dict()
     out = {"naive": (sb, 0.0)}
     for m in methods:
-        if m == "weight":
-            perm, sec = timed(autoperm.weight_matching, spec, sa, sb, seed=seed)
+        if m in ("weight", "weight5"):
+            perm, sec = timed(autoperm.weight_matching, spec, sa, sb, seed=seed, restarts=5 if m == "weight5" else 1)
         elif m == "activation":
             perm, sec = timed(autoperm.activation_matching, spec, model_a, model_b, batches)
         elif m == "ste":

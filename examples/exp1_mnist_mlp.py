@@ -29,7 +29,7 @@ def main():
     args = parse_args(__doc__.splitlines()[0], "exp1", lambda p: (
         p.add_argument("--epochs", type=int, default=100),
         p.add_argument("--ste-steps", type=int, default=1000),
-        p.add_argument("--methods", default="weight,activation,ste")))
+        p.add_argument("--methods", default="weight,weight5,activation,ste")))
     data = mnist5k(standardize=False)
     models = []
     for seed in (1, 2):

@@ -288,3 +288,27 @@ def test_layerwise_only_the_moving_layer_changes_the_curve():
     assert flat["0"] == 0.0 and flat["4"] == 0.0
     assert np.ptp(curves["2"].loss) > 0
     assert list(layer_groups(_bn_net().state_dict(), depth=1)) == ["0", "1", "5"]
+
+
+@pytest.mark.parametrize("kind", ["layernorm_tokens", "groupnorm"])
+def test_repair_channel_axis_of_layernorm_and_groupnorm(kind):
+    torch.manual_seed(0)
+    if kind == "layernorm_tokens":  # (batch, tokens, channels): channels last
+        net = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 3))
+        x, dims = torch.randn(16, 5, 4), (0, 1)
+    else:  # (batch, channels, h, w): channels at dim 1
+        net = nn.Sequential(nn.Conv2d(2, 8, 3), nn.GroupNorm(1, 8), nn.ReLU(), nn.Conv2d(8, 3, 1))
+        x, dims = torch.randn(16, 2, 6, 6), (0, 2, 3)
+    autoperm.randomize_(net, 0)
+    a = _clone(net.state_dict())
+    b = _clone(autoperm.randomize_(copy.deepcopy(net), 1, scale=1.0).state_dict())
+    rep = Repair(net, a, b, [x])
+    assert rep.modules == ["0", "1"]
+    work = copy.deepcopy(net)
+    work.load_state_dict(interpolate_states(a, b, 0.3))
+    rep(work, 0.3)
+    with torch.no_grad():
+        h = work[:2](x)
+    goal_mean, goal_std = rep.goal(0.3)["1"]
+    assert torch.allclose(h.mean(dims).double(), goal_mean, atol=1e-4)
+    assert torch.allclose(h.std(dims, unbiased=False).double(), goal_std, atol=1e-4)
