@@ -8,6 +8,8 @@ Three matchers share one result type, a ``Permutation`` (``{group: LongTensor}``
 - ``ste_matching(spec, model_a, model_b, batches, loss_fn, steps=..., lr=...)``: the
   straight-through estimator (midpoint loss, projection by weight matching).
 """
+from .activation import activation_matching, activation_sites
+from .ste import ste_matching
 from .weight import weight_matching
 
-__all__ = ["weight_matching"]
+__all__ = ["weight_matching", "activation_matching", "ste_matching", "activation_sites"]

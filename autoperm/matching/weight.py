@@ -13,7 +13,7 @@ from ..spec import PermutationSpec
 from ._costs import CostCache, Layout, build_layout, check_states, objective
 from ._lap import solve_numpy
 
-__all__ = ["weight_matching"]
+__all__ = ["weight_matching", "descend_groups"]
 
 
 @torch.no_grad()
@@ -68,11 +68,21 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], 
         validate_permutation(spec, init)
     if restarts < 1 or max_iter < 0:
         raise ValueError("restarts must be >= 1 and max_iter >= 0")
+    return descend_groups(spec, state_a, state_b, init, None, max_iter=max_iter, seed=seed, restarts=restarts,
+                          progress=progress)
+
+
+def descend_groups(spec, state_a, state_b, init, only, *, max_iter=100, seed=0, restarts=1, progress=None) -> Permutation:
+    """Coordinate descent over the groups in ``only`` (None: all), the others held at ``init``.
+
+    Inputs are not checked here (``weight_matching`` does it)."""
     permuted = [k for k, ex in spec.axes.items() if any(ex)]
     device = state_a[permuted[0]].device if permuted else torch.device("cpu")
     dtype = torch.float64 if any(state_a[k].dtype == torch.float64 for k in permuted) else torch.float32
     layout = build_layout(spec, device)
-    groups = [g for g in spec.group_sizes if layout.units[g]]
+    groups = [g for g in spec.group_sizes if layout.units[g] and (only is None or g in only)]
+    if only is not None:  # a block step moves its partners too: only where they may move
+        layout.pairs = {g: p for g, p in layout.pairs.items() if all(u.partner in only for u in p[1])}
     budget = 0.5 * sum(s[k].numel() * s[k].element_size() for s in (state_a, state_b) for k in permuted)
     start = {g: (init[g] if init is not None else torch.arange(n)).long().to(device)
              for g, n in spec.group_sizes.items()}

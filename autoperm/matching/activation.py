@@ -1,0 +1,171 @@
+"""Activation matching: align hidden units by the correlation of their activations on data."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..barrier.norm import _input as batch_input
+from ..permutation import Permutation
+from ..spec import PermutationSpec
+from ._costs import check_states
+from ._lap import solve_numpy
+from .weight import descend_groups
+
+__all__ = ["activation_matching", "activation_sites"]
+
+_CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+                  nn.modules.instancenorm._InstanceNorm)
+
+
+def activation_sites(spec: PermutationSpec, model: nn.Module) -> dict:
+    """``{module name: group}``: modules whose output carries a group on its channel axis.
+
+    A module qualifies when one of its own parameters has the plain expression ``{"g": G}`` on
+    axis 0: the output units of a convolution or linear layer, the channels of a normalization
+    layer or of an element-wise scale. Transposed convolutions (weight axis 0 is the input) do not.
+    """
+    sites = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            continue
+        for pname, _ in module.named_parameters(recurse=False):
+            exprs = spec.axes.get(f"{name}.{pname}" if name else pname)
+            if exprs and exprs[0] is not None and set(exprs[0]) == {"g"}:
+                sites.setdefault(name, exprs[0]["g"])
+    return sites
+
+
+class _Stats:
+    """Streaming float64 moments of two sites' activations: means, variances, cross products."""
+
+    def __init__(self):
+        self.n = 0
+        self.sa = self.sb = self.saa = self.sbb = self.sab = None
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = a.double(), b.double()
+        if self.sab is None:
+            z = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
+            self.sa, self.sb, self.saa, self.sbb = z.clone(), z.clone(), z.clone(), z.clone()
+            self.sab = torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64, device=a.device)
+        self.n += len(a)
+        self.sa += a.sum(0)
+        self.sb += b.sum(0)
+        self.saa += (a * a).sum(0)
+        self.sbb += (b * b).sum(0)
+        self.sab.addmm_(a.T, b)
+
+    def correlation(self) -> torch.Tensor:
+        ma, mb = self.sa / self.n, self.sb / self.n
+        cov = self.sab / self.n - ma[:, None] * mb[None, :]
+        sd_a = (self.saa / self.n - ma * ma).clamp_min(0).sqrt()
+        sd_b = (self.sbb / self.n - mb * mb).clamp_min(0).sqrt()
+        return cov / (sd_a[:, None] * sd_b[None, :]).clamp_min(1e-12)
+
+
+def _channel_axis(module: nn.Module, out: torch.Tensor, n: int) -> int | None:
+    """The axis of ``out`` carrying ``n`` channels (None: no such axis)."""
+    axes = [k for k in range(1, out.dim()) if out.shape[k] == n]
+    if out.dim() == 1 and out.shape[0] == n:
+        return 0
+    if len(axes) <= 1:
+        return axes[0] if axes else None
+    channel_first = isinstance(module, _CHANNEL_FIRST) or type(module).__name__.endswith(("1d", "2d", "3d"))
+    return 1 if channel_first and 1 in axes else axes[-1]
+
+
+@torch.no_grad()
+def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batches: Iterable, *,
+                        progress: bool | None = None, seed: int = 0) -> Permutation:
+    """The permutation of ``model_b``'s groups that best correlates its activations with ``model_a``'s.
+
+    Both models run in eval mode on the same batches (their modes are restored). For every
+    group, the outputs of the modules that carry it on their channel axis (see
+    :func:`activation_sites`) are captured with forward hooks; per site, float64 sums give the
+    means, variances and cross-products of the two models' units, so no activation is stored.
+    The cost of a group is the sum over its sites of the correlation matrices (a residual-stream
+    group pools every layer that writes to it), and one linear assignment per group gives the
+    permutation.
+
+    Groups with no such site (for example heads and head dimensions, which only appear inside
+    products) are matched by weight matching, the others held at their activation result.
+
+    Args:
+        spec: the models' spec (``autoperm.infer_spec``).
+        model_a, model_b: two models of the architecture; not modified.
+        batches: inputs, or tuples whose first element is the input (``(x, y)``), on the models' device.
+        progress: show a progress bar (None: only on a terminal, after 2 s).
+        seed: the visiting order of the weight-matching fallback.
+
+    Returns:
+        ``{group: LongTensor}`` on the CPU; ``apply_permutation(spec, perm, model_b.state_dict())``
+        is B aligned to A.
+
+    >>> import torch, autoperm
+    >>> a = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> spec = autoperm.infer_spec(a, torch.randn(1, 4))
+    >>> b = autoperm.permute_model_(__import__("copy").deepcopy(a), spec, autoperm.random_permutation(spec, seed=2))
+    >>> perm = activation_matching(spec, a, b, [torch.randn(64, 4)])
+    >>> torch.equal(perm["0.weight:0"], autoperm.inverse_permutation(autoperm.random_permutation(spec, seed=2))["0.weight:0"])
+    True
+    """
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    check_states(spec, state_a=state_a, state_b=state_b)
+    sites = activation_sites(spec, model_a)
+    stats = {name: _Stats() for name in sites}
+    captured: dict = {}
+    modules_a, modules_b = dict(model_a.named_modules()), dict(model_b.named_modules())
+
+    def hook(which, name):
+        def fn(module, args, out):
+            if isinstance(out, torch.Tensor):
+                captured[(which, name)] = (module, out)
+        return fn
+
+    handles = [modules_a[n].register_forward_hook(hook("a", n)) for n in sites]
+    handles += [modules_b[n].register_forward_hook(hook("b", n)) for n in sites]
+    modes = {m: m.training for m in (*model_a.modules(), *model_b.modules())}
+    model_a.eval()
+    model_b.eval()
+    seen = 0
+    try:
+        for batch in tqdm(batches, desc="activation matching", unit="batch", leave=False,
+                          disable=(None if progress is None else not progress), delay=2.0 if progress is None else 0.0):
+            x = batch_input(batch)
+            args = x if isinstance(x, tuple) else (x,)
+            model_a(*args)
+            model_b(*args)
+            for name, group in sites.items():
+                (mod, a), (_, b) = captured.pop(("a", name), (None, None)), captured.pop(("b", name), (None, None))
+                if a is None or b is None or a.shape != b.shape:
+                    continue
+                axis = _channel_axis(mod, a, spec.group_sizes[group])
+                if axis is None:
+                    continue
+                n = spec.group_sizes[group]
+                stats[name].add(a.movedim(axis, -1).reshape(-1, n), b.movedim(axis, -1).reshape(-1, n))
+            seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    if not seen:
+        raise ValueError("activation_matching needs at least one batch")
+
+    cost: dict = {}
+    for name, group in sites.items():
+        if stats[name].n:
+            c = stats[name].correlation().cpu().numpy()
+            cost[group] = c if group not in cost else cost[group] + c
+    perm = {g: torch.arange(n) for g, n in spec.group_sizes.items()}
+    for group, c in cost.items():
+        perm[group] = torch.from_numpy(solve_numpy(np.nan_to_num(c)))
+    rest = [g for g in spec.group_sizes if g not in cost]
+    if rest:
+        perm = descend_groups(spec, state_a, state_b, perm, set(rest), seed=seed, progress=progress)
+    return perm
