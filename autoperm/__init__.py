@@ -14,7 +14,7 @@ from .barrier import (
     reset_bn_stats,
 )
 from .check import check_invariance, randomize_
-from .matching import weight_matching
+from .matching import activation_matching, ste_matching, weight_matching
 from .permutation import (
     Permutation, apply_permutation, compose_permutations, identity_permutation, inverse_permutation,
     permute_model_, random_permutation,
@@ -29,6 +29,6 @@ __all__ = [
     "compose_permutations", "apply_permutation", "permute_model_",
     "interpolation_curve", "Curve", "interpolate_states", "average_states", "reset_bn_stats", "Repair",
     "layerwise_curves", "merge_models",
-    "weight_matching",
+    "weight_matching", "activation_matching", "ste_matching",
 ]
 __version__ = "0.1.0"
