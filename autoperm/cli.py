@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--restarts", type=int, default=1,
                    help="weight matching: try this many visiting orders, keep the best (default 1)")
     d.add_argument("--max-iter", type=int, default=100, help="weight matching: at most this many sweeps (default 100)")
+    d.add_argument("--steps", type=int, default=100, help="ste: optimisation steps, one batch each (default 100)")
+    d.add_argument("--lr", type=float, default=1e-3, help="ste: Adam learning rate (default 1e-3)")
 
     ins = sub.add_parser("inspect", parents=[model_opts], help="list a model's permutation groups and pinned axes",
                          description="Infer the permutation spec of MODEL and print its groups and pinned axes.")
@@ -277,17 +279,15 @@ def _fit_shape(x: torch.Tensor, shape: tuple, where: str) -> torch.Tensor:
 def _align(args, rm, spec, a, b, data: _Data | None):
     from .plugins._align import align_states
 
-    options = {}
+    options = {"seed": args.seed}
     if args.method == "weight":
-        options = {"seed": args.seed, "restarts": args.restarts, "max_iter": args.max_iter}
-    t = time.perf_counter()
-    batches = None
-    if args.method == "activation":
-        batches = data.inputs
+        options.update(restarts=args.restarts, max_iter=args.max_iter)
     elif args.method == "ste":
-        batches = list(zip(data.inputs, data.labels or _pseudo_labels(rm.module, a, data.inputs), strict=True))
+        options.update(steps=args.steps, lr=args.lr)
+    t = time.perf_counter()
     try:
-        aligned, perms = align_states(spec, [a, b], args.method, model=rm.module, batches=batches, **options)
+        aligned, perms = align_states(spec, [a, b], args.method, model=rm.module, inputs=data and data.inputs,
+                                      labels=data and data.labels, **options)
     except RuntimeError as e:
         if "not available" in str(e):
             raise CLIError(str(e)) from e
@@ -296,15 +296,6 @@ def _align(args, rm, spec, a, b, data: _Data | None):
     moved = sum(int((p.cpu() != torch.arange(len(p))).sum()) for p in perm.values())
     _log(args, f"{args.method} matching: {moved} of {spec.num_units} units moved, {time.perf_counter() - t:.1f} s")
     return aligned[1], perm
-
-
-@torch.no_grad()
-def _pseudo_labels(model, state_a, inputs) -> list:
-    """Labels for unlabelled data: model A's predicted classes (the straight-through estimator needs a loss)."""
-    m = copy.deepcopy(model)
-    m.load_state_dict(state_a, strict=True)
-    m.eval()
-    return [m(*(x if isinstance(x, tuple) else (x,))).argmax(-1) for x in inputs]
 
 
 def _verify(args, rm, b, aligned) -> float:
@@ -325,10 +316,10 @@ def cmd_inspect(args) -> int:
     rm = _resolve(args)
     spec = _infer(args, rm)
     err = None
-    if args.check:
-        from .check import check_invariance
+    if args.check:  # on perturbed weights: zero-initialised heads could hide a wrong permutation
+        from .check import check_invariance, randomize_
 
-        err = check_invariance(rm.module, spec, rm.example_inputs)
+        err = check_invariance(randomize_(copy.deepcopy(rm.module)), spec, rm.example_inputs)
     if args.json:
         text = spec.to_json(indent=2) + "\n"
     else:

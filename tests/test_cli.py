@@ -248,6 +248,14 @@ def test_align_real_activation_matching_on_random_data(planted):
     _assert_is_a(out, planted)
 
 
+@pytest.mark.skipif(not HAS["ste"], reason="autoperm.ste_matching not available yet (matchers issue)")
+def test_align_real_ste_on_random_data_with_pseudo_labels(planted):
+    out = planted["dir"] / "aligned.safetensors"
+    assert main(["align", *MODEL, planted["A"], planted["B"], "-o", str(out), "--method", "ste", "--data", "random",
+                 "--steps", "3", "--num-batches", "2", "--batch-size", "4"]) == 0
+    _assert_is_a(out, planted)
+
+
 # -- barrier ---------------------------------------------------------------------------------------
 def test_barrier_naive_vs_aligned(factories, monkeypatch, capsys):
     torch.manual_seed(0)

@@ -187,6 +187,22 @@ def test_weight_matching_recovers_a_planted_permutation(hf):
         assert torch.equal(aligned[k], a[k]), k
 
 
+@pytest.mark.skipif(not hasattr(autoperm, "activation_matching"),
+                    reason="autoperm.activation_matching not available yet")
+def test_activation_matching_with_several_inputs(hf):
+    """Batches of (input_ids, attention_mask) tuples reach the model as two inputs."""
+    from autoperm.models import random_like
+    from autoperm.plugins import align_states
+
+    name, model, x, spec, err = hf
+    a = model.state_dict()
+    b = autoperm.apply_permutation(spec, autoperm.random_permutation(spec, seed=12), a)
+    inputs = [random_like(x, batch_size=16, seed=i) for i in range(2)]
+    aligned, _ = align_states(spec, [a, b], "activation", model=model, inputs=inputs)
+    for k in spec.axes:
+        assert torch.equal(aligned[1][k], a[k]), k
+
+
 def test_align_command_on_a_transformers_factory(tmp_path, monkeypatch):
     """The CLI path for a user model: a factory returning (model, example inputs)."""
     from autoperm.cli import main

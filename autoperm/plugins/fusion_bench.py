@@ -69,7 +69,8 @@ class AutopermAlignment(BaseAlgorithm):
                  random_batches: int = 8, seed: int = 0, matcher_options: dict | None = None, **kwargs):
         super().__init__(**kwargs)
         self.example_inputs = None
-        self.batches = None
+        self.batches = None  # inputs for activation/ste matching: tensors, or tuples for several inputs
+        self.labels = None  # one target tensor per batch, for ste (default: model A's predictions)
         self.spec = None
         self.permutations: dict = {}
 
@@ -87,14 +88,12 @@ class AutopermAlignment(BaseAlgorithm):
         self.spec = infer_spec(ref, example)
         log.info("autoperm: %d groups, %d units; aligning %s to %s", len(self.spec.group_sizes),
                  self.spec.num_units, names[1:], names[0])
-        batches = self.batches
-        if self.method != "weight" and batches is None:
-            batches = [random_like(example, seed=s + self.seed) for s in range(self.random_batches)]
-        options = dict(self.matcher_options or {})
-        if self.method == "weight":
-            options.setdefault("seed", self.seed)
+        inputs = self.batches
+        if self.method != "weight" and inputs is None:
+            inputs = [random_like(example, seed=s + self.seed) for s in range(self.random_batches)]
+        options = {"seed": self.seed, **(self.matcher_options or {})}
         aligned, perms = align_states(self.spec, [m.state_dict() for m in models], self.method, model=ref,
-                                      batches=batches, **options)
+                                      inputs=inputs, labels=self.labels, **options)
         out = {}
         for name, model, state in zip(names, models, aligned, strict=True):
             m = copy.deepcopy(model)

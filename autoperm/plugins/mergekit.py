@@ -62,7 +62,7 @@ def model_references(config: Mapping) -> list[str]:
 
 
 def align_model_dirs(model_dirs: Sequence[str], out_dirs: Sequence[str | None], *, method: str = "weight",
-                     example_inputs=None, batches=None, seed: int = 0, **matcher_options) -> list[dict]:
+                     example_inputs=None, inputs=None, seed: int = 0, **matcher_options) -> list[dict]:
     """Align the transformers folders ``model_dirs[1:]`` to ``model_dirs[0]``; write them to ``out_dirs``.
 
     ``out_dirs[i]`` is where the aligned model ``i`` goes (``None``: not written; ``out_dirs[0]``
@@ -79,12 +79,11 @@ def align_model_dirs(model_dirs: Sequence[str], out_dirs: Sequence[str | None], 
     example = example_inputs if example_inputs is not None else hf_example_inputs(models[0], seed=seed)
     example = example if isinstance(example, tuple) else (example,)
     spec = infer_spec(models[0], example)
-    if method == "weight":
-        matcher_options.setdefault("seed", seed)
-    if method != "weight" and batches is None:
-        batches = [hf_example_inputs(models[0], seed=seed + 1 + i)[0] for i in range(8)]
+    matcher_options.setdefault("seed", seed)
+    if method != "weight" and inputs is None:  # random token ids (or pixels)
+        inputs = [hf_example_inputs(models[0], seed=seed + 1 + i)[0] for i in range(8)]
     aligned, perms = align_states(spec, [m.state_dict() for m in models], method, model=models[0],
-                                  batches=batches, **matcher_options)
+                                  inputs=inputs, **matcher_options)
     for i in range(1, len(models)):
         if out_dirs[i] is None:
             continue
