@@ -235,3 +235,10 @@ def test_ste_matching_lowers_the_midpoint_loss():
         return float(nn.functional.cross_entropy(torch.func.functional_call(ma, mid, (x,)), y))
 
     assert midpoint_loss(perm) <= midpoint_loss(wm) + 1e-6
+
+
+def test_activation_matching_with_a_single_sample():
+    spec, a, b, p, model, x = planted("mlp")  # one sample: every unit is constant, matched by value
+    perm = autoperm.activation_matching(spec, model, _model_b(model, b), [torch.randn(1, 5)], progress=False)
+    inv = autoperm.inverse_permutation(p)
+    assert all(torch.equal(perm[g], inv[g]) for g in spec.group_sizes)

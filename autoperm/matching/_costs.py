@@ -167,12 +167,10 @@ def build_layout(spec: PermutationSpec, device=None) -> Layout:
                         pairs[g].append(unit(g, [leaf, mates[0]], _grid(coords, [leaf, mates[0]]), gs[mates[0]]))
                     else:
                         plain.append(leaf)
-                if plain and pairs[g]:
-                    unpaired[g].extend(
-                        [unit(g, [leaf], _grid(coords, [leaf])) for leaf in plain] if overlap
-                        else [unit(g, plain, torch.cat([_grid(coords, [leaf]) for leaf in plain], 1))])
-                elif plain:
+                if plain == mine:  # no pair on this axis: its units are the ones just built
                     unpaired[g].extend(units[g][-len(chunks):])
+                elif plain:  # (pairs exclude overlap, so the plain leaves merge into one unit)
+                    unpaired[g].append(unit(g, plain, torch.cat([_grid(coords, [leaf]) for leaf in plain], 1)))
     deps = {}
     for g in spec.group_sizes:
         d = set().union(*(u.deps for u in units[g]))

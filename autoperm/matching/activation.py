@@ -60,11 +60,16 @@ class _Stats:
         self.sab.addmm_(a.T, b)
 
     def correlation(self) -> torch.Tensor:
+        """Pearson correlations; a constant unit (too few samples, or dead) is 0 against a varying one
+        and ``1 - |c_a - c_b| / (|c_a| + |c_b|)`` against another constant one (1 when equal)."""
         ma, mb = self.sa / self.n, self.sb / self.n
+        var_a, var_b = (self.saa / self.n - ma * ma).clamp_min(0), (self.sbb / self.n - mb * mb).clamp_min(0)
+        live_a, live_b = var_a > 1e-10 * ma * ma + 1e-30, var_b > 1e-10 * mb * mb + 1e-30
         cov = self.sab / self.n - ma[:, None] * mb[None, :]
-        sd_a = (self.saa / self.n - ma * ma).clamp_min(0).sqrt()
-        sd_b = (self.sbb / self.n - mb * mb).clamp_min(0).sqrt()
-        return cov / (sd_a[:, None] * sd_b[None, :]).clamp_min(1e-12)
+        corr = cov / (var_a.sqrt()[:, None] * var_b.sqrt()[None, :]).clamp_min(1e-30)
+        corr = torch.where(live_a[:, None] & live_b[None, :], corr, torch.zeros_like(corr))
+        const = 1 - (ma[:, None] - mb[None, :]).abs() / (ma.abs()[:, None] + mb.abs()[None, :]).clamp_min(1e-30)
+        return torch.where(~live_a[:, None] & ~live_b[None, :], const, corr)
 
 
 def _channel_axis(module: nn.Module, out: torch.Tensor, n: int) -> int | None:

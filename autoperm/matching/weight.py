@@ -72,10 +72,12 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], 
                           progress=progress)
 
 
-def descend_groups(spec, state_a, state_b, init, only, *, max_iter=100, seed=0, restarts=1, progress=None) -> Permutation:
+def descend_groups(spec, state_a, state_b, init, only, *, max_iter=100, seed=0, restarts=1, progress=None,
+                   stats: dict | None = None) -> Permutation:
     """Coordinate descent over the groups in ``only`` (None: all), the others held at ``init``.
 
-    Inputs are not checked here (``weight_matching`` does it)."""
+    Inputs are not checked here (``weight_matching`` does it). ``stats``, if given, receives
+    ``sweeps`` (per restart) and ``solves`` (cost matrices built and assigned)."""
     permuted = [k for k, ex in spec.axes.items() if any(ex)]
     device = state_a[permuted[0]].device if permuted else torch.device("cpu")
     dtype = torch.float64 if any(state_a[k].dtype == torch.float64 for k in permuted) else torch.float32
@@ -93,7 +95,7 @@ def descend_groups(spec, state_a, state_b, init, only, *, max_iter=100, seed=0, 
     for restart in range(restarts):
         costs = CostCache(spec, state_a, state_b, dtype, _kept(spec, layout, state_a, dtype, budget))
         perm = _descend(spec, layout, groups, costs, dict(start), random.Random(f"{seed}:{restart}"), max_iter, bar,
-                        restart)
+                        restart, stats if stats is not None else {})
         obj = objective(spec, state_a, state_b, perm) if restarts > 1 else 0.0
         if best is None or obj > best_obj:
             best, best_obj = perm, obj
@@ -124,11 +126,13 @@ def _kept(spec, layout: Layout, state_a, dtype, budget: float) -> list:
     return keep
 
 
-def _descend(spec, layout: Layout, groups, costs, perm, rng, max_iter, bar, restart) -> dict:
+def _descend(spec, layout: Layout, groups, costs, perm, rng, max_iter, bar, restart, stats: dict) -> dict:
     """One run of coordinate descent from ``perm``; returns the final permutation."""
     version = dict.fromkeys(spec.group_sizes, 0)
     solved_at: dict = {}
+    stats.setdefault("sweeps", []).append(0)
     for _ in range(max_iter):
+        stats["sweeps"][-1] += 1
         order = groups[:]
         rng.shuffle(order)
         changed = 0
@@ -137,6 +141,7 @@ def _descend(spec, layout: Layout, groups, costs, perm, rng, max_iter, bar, rest
             if solved_at.get(g) == stamp:  # same cost as at its last solve: same answer
                 continue
             solved_at[g] = stamp
+            stats["solves"] = stats.get("solves", 0) + 1
             moved = _block_step(spec, layout, g, costs, perm) if g in layout.pairs else None
             if moved is None:
                 moved = _linear_step(layout, g, costs, perm)
