@@ -259,6 +259,8 @@ def infer_spec(model: torch.nn.Module, example_inputs) -> PermutationSpec:
     >>> [(g.name, g.size) for g in spec.groups]
     [('0.weight:0', 8)]
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"infer_spec needs a torch.nn.Module, got {type(model).__name__}")
     was_training = model.training
     try:
         tm = trace(model, example_inputs)

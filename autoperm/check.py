@@ -57,7 +57,15 @@ def relative_difference(a, b) -> float:
     worst = 0.0
     for x, y in zip(ta, tb):
         x, y = x.detach().double(), y.detach().double()
-        worst = max(worst, float((x - y).abs().max() / x.abs().max().clamp_min(1e-12)) if x.numel() else 0.0)
+        if x.shape != y.shape:
+            raise ValueError(f"outputs differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+        if not x.numel():
+            continue
+        diff = torch.where(x == y, 0.0, (x - y).abs())  # equal infinities match; NaN never does
+        finite = x[torch.isfinite(x)]
+        scale = finite.abs().max().clamp_min(1e-12) if finite.numel() else torch.tensor(1e-12, dtype=x.dtype)
+        d = float(diff.max() / scale)
+        worst = max(worst, d) if d == d else float("inf")
     return worst
 
 
@@ -67,6 +75,11 @@ def check_invariance(model: torch.nn.Module, spec: PermutationSpec, example_inpu
 
     Runs copies of ``model`` in its current mode (train or eval); ``model`` itself is not modified.
     A sound spec gives float round-off (about 1e-6 in float32).
+
+    Raises:
+        ValueError: the model's outputs hold NaN, so no comparison could show a difference (the
+            message names the parameters and buffers that are not finite), or the model fails on
+            ``example_inputs`` (the message gives their shapes).
 
     >>> import torch, autoperm
     >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -82,8 +95,18 @@ def check_invariance(model: torch.nn.Module, spec: PermutationSpec, example_inpu
     b.load_state_dict(apply_permutation(spec, random_permutation(spec, seed), a.state_dict()))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        ya = a(*args)
+        try:
+            ya = a(*args)
+        except Exception as e:  # noqa: BLE001 - re-raised with the input shapes
+            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in args]
+            raise ValueError(f"{type(model).__name__} fails on example inputs of shapes {shapes}: "
+                             f"{type(e).__name__}: {e}") from e
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yb = b(*args)
+    bad = [i for i, t in enumerate(_tensors(ya)) if t.is_floating_point() and bool(torch.isnan(t).any())]
+    if bad:
+        keys = [k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        why = f"; tensors with NaN or inf values: {keys[:5]}" if keys else ""
+        raise ValueError(f"model output {bad[0]} has NaN values{why}: outputs cannot show a wrong permutation")
     return relative_difference(ya, yb)

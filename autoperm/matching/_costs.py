@@ -88,6 +88,8 @@ def check_states(spec: PermutationSpec, **states: Mapping[str, torch.Tensor]) ->
             a, b = states[names[0]][key], states[other][key]
             if a.shape != b.shape:
                 raise ValueError(f"{key!r} has shape {tuple(a.shape)} in {names[0]}, {tuple(b.shape)} in {other}")
+            if any(spec.axes[key]) and a.device != b.device:
+                raise ValueError(f"{key!r} is on {a.device} in {names[0]}, {b.device} in {other}")
 
 
 # -- coordinates and tables ------------------------------------------------------------------------
