@@ -77,9 +77,10 @@ def check_invariance(model: torch.nn.Module, spec: PermutationSpec, example_inpu
     A sound spec gives float round-off (about 1e-6 in float32).
 
     Raises:
-        ValueError: the model's outputs hold NaN, so no comparison could show a difference (the
-            message names the parameters and buffers that are not finite), or the model fails on
-            ``example_inputs`` (the message gives their shapes).
+        ValueError: a parameter or buffer holds NaN or inf (named in the message: an infinite
+            unit can hide a wrong permutation behind equal infinite outputs), the outputs hold NaN,
+            so no comparison could show a difference, or the model fails on ``example_inputs``
+            (the message gives their shapes).
 
     >>> import torch, autoperm
     >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -88,6 +89,9 @@ def check_invariance(model: torch.nn.Module, spec: PermutationSpec, example_inpu
     True
     """
     args = as_tuple(example_inputs)
+    keys = [k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if keys:
+        raise ValueError(f"tensors with NaN or inf values: {keys[:5]}: outputs cannot show a wrong permutation")
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     for m in (*a.modules(), *b.modules()):
         if isinstance(m, _DROPOUT):  # element-wise random masks are not permutation-equivariant
@@ -106,7 +110,5 @@ def check_invariance(model: torch.nn.Module, spec: PermutationSpec, example_inpu
         yb = b(*args)
     bad = [i for i, t in enumerate(_tensors(ya)) if t.is_floating_point() and bool(torch.isnan(t).any())]
     if bad:
-        keys = [k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        why = f"; tensors with NaN or inf values: {keys[:5]}" if keys else ""
-        raise ValueError(f"model output {bad[0]} has NaN values{why}: outputs cannot show a wrong permutation")
+        raise ValueError(f"model output {bad[0]} has NaN values: outputs cannot show a wrong permutation")
     return relative_difference(ya, yb)

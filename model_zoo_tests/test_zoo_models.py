@@ -11,8 +11,8 @@ import re
 import pytest
 
 import autoperm
-from autoperm.zoo import (TOLERANCE, build, has_batchnorm, invariance_errors, invariance_reason,
-                          planted_activation_matching, planted_weight_matching)
+from autoperm.zoo import (TOLERANCE, TOLERANCE_FLOAT64, build, float64_errors, has_batchnorm, invariance_errors,
+                          invariance_reason, planted_activation_matching, planted_weight_matching)
 
 SNAPSHOTS = os.path.join(os.path.dirname(__file__), "snapshots")
 _CACHE: dict = {}
@@ -71,12 +71,15 @@ def test_snapshot(entry):
 @pytest.mark.invariance
 @pytest.mark.zoo_kind("invariance")
 def test_invariance(entry):
-    """At least one group; a random permutation of every group leaves outputs unchanged (eval, and train with BN)."""
+    """At least one group; a random permutation of every group leaves outputs unchanged (eval, and train with BN).
+
+    Where float32 round-off alone passes the tolerance (deep nets in train mode), float64 decides."""
     model, x, spec = traced(entry)
     assert spec.group_sizes, "no permutation group found"
     errors = invariance_errors(model, spec, x)
     if not max(e for e in errors if e is not None) <= TOLERANCE:
-        pytest.fail(invariance_reason(model, spec, x, errors))
+        if not max(e for e in float64_errors(model, spec, x) if e is not None) <= TOLERANCE_FLOAT64:
+            pytest.fail(invariance_reason(model, spec, x, errors))
     assert (errors[1] is None) == (not has_batchnorm(model))
 
 

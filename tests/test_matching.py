@@ -68,6 +68,36 @@ class Attention(nn.Module):
         return self.out(x.mean(1))
 
 
+class IdentityInit(nn.Module):
+    """A residual stream through blocks whose first layer starts at the identity (as ConViT's value
+    projection): under a wrong hidden permutation, those weights pull the stream's solve to it."""
+
+    def __init__(self, dim=8, depth=4):
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, dim), nn.Linear(dim, 2)
+        self.inner = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
+        self.outer = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
+        for m in self.inner:
+            nn.init.eye_(m.weight)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for a, b in zip(self.inner, self.outer):
+            x = x + b(torch.relu(a(x)))
+        return self.head(x)
+
+
+class Pooled(nn.Module):
+    """Linear layers after global pooling: on a batch of 2 each of their units sees 2 values."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc1, self.fc2 = nn.Conv2d(3, 8, 3), nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).mean((2, 3)))))
+
+
 def _mlp():
     return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3)), torch.randn(2, 5)
 
@@ -84,6 +114,8 @@ MODELS = {
     "concat": lambda: (ConcatNet(), torch.randn(2, 3, 4, 4)),
     "attention": lambda: (Attention(), torch.randn(2, 5, 6)),
     "vit": _vit,
+    "identity_init": lambda: (IdentityInit(), torch.randn(2, 3)),
+    "pooled": lambda: (Pooled(), torch.randn(2, 3, 6, 6)),
 }
 
 
@@ -196,6 +228,13 @@ def test_activation_matching_recovers_planted_permutation(name):
     inv = autoperm.inverse_permutation(p)
     assert all(torch.equal(perm[g], inv[g]) for g in spec.group_sizes)
     assert all(torch.equal(model.state_dict()[k], a[k]) and torch.equal(model_b.state_dict()[k], b[k]) for k in a)
+
+
+def test_activation_matching_ties_fall_back_to_weights():
+    spec, a, b, p, model, x = planted("pooled")  # batch of 2: fc1's correlations are all ±1
+    perm = autoperm.activation_matching(spec, model, _model_b(model, b), [x], progress=False)
+    inv = autoperm.inverse_permutation(p)
+    assert all(torch.equal(perm[g], inv[g]) for g in spec.group_sizes)
 
 
 def test_activation_sites_cover_plain_groups():

@@ -83,6 +83,19 @@ def _channel_axis(module: nn.Module, out: torch.Tensor, n: int) -> int | None:
     return 1 if channel_first and 1 in axes else axes[-1]
 
 
+def _tied(cost: np.ndarray, p: np.ndarray, rtol: float = 1e-9) -> bool:
+    """Whether swapping the matches of some two units of the assignment ``p`` leaves its value
+    ``Σ_i cost[i, p(i)]`` unchanged (within ``rtol`` of the largest entry)."""
+    if len(p) < 2:
+        return False
+    x = cost[:, p]  # x[i, k]: unit i given k's match
+    v = np.diagonal(x).copy()
+    gain = v[:, None] - x
+    gain += gain.T  # the loss of swapping the matches of i and k
+    np.fill_diagonal(gain, np.inf)
+    return bool(gain.min() <= rtol * max(1.0, float(np.abs(cost).max())))
+
+
 @torch.no_grad()
 def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batches: Iterable, *,
                         progress: bool | None = None, seed: int = 0) -> Permutation:
@@ -97,7 +110,10 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
     permutation.
 
     Groups with no such site (for example heads and head dimensions, which only appear inside
-    products) are matched by weight matching, the others held at their activation result.
+    products) are matched by weight matching, the others held at their activation result; so
+    is a group whose assignment is tied, some two units swappable at no cost (too few samples:
+    on a batch of 2, a layer after global pooling sees 2 values per unit, and every correlation
+    is ±1).
 
     Args:
         spec: the models' spec (``autoperm.infer_spec``).
@@ -168,8 +184,13 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
             c = stats[name].correlation().cpu().numpy()
             cost[group] = c if group not in cost else cost[group] + c
     perm = {g: torch.arange(n) for g, n in spec.group_sizes.items()}
-    for group, c in cost.items():
-        perm[group] = torch.from_numpy(solve_numpy(np.nan_to_num(c)))
+    for group, c in list(cost.items()):
+        c = np.nan_to_num(c)
+        p = solve_numpy(c)
+        if _tied(c, p):  # the data cannot tell some units apart: left to the weights
+            del cost[group]
+        else:
+            perm[group] = torch.from_numpy(p)
     rest = [g for g in spec.group_sizes if g not in cost]
     if rest:
         perm = descend_groups(spec, state_a, state_b, perm, set(rest), seed=seed, progress=progress)

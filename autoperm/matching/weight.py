@@ -38,7 +38,9 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], 
             on any device; the work stays there (only the ``n × n`` cost matrices go to the CPU).
         max_iter: at most this many sweeps per restart.
         seed: fixes the visiting orders; the result is deterministic for a seed.
-        init: the starting permutation (default: the identity).
+        init: the starting permutation (default: a greedy seed, each group solved in turn on
+            only the tensors whose other groups are already solved; the identity for a group
+            never reached).
         restarts: run this many visiting orders and keep the one with the best objective (a
             single order can stall in a poor local optimum).
         progress: show a progress bar (None: only on a terminal, after 2 s).
@@ -69,15 +71,17 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], 
     if restarts < 1 or max_iter < 0:
         raise ValueError("restarts must be >= 1 and max_iter >= 0")
     return descend_groups(spec, state_a, state_b, init, None, max_iter=max_iter, seed=seed, restarts=restarts,
-                          progress=progress)
+                          progress=progress, unknown=None if init is None else ())
 
 
 def descend_groups(spec, state_a, state_b, init, only, *, max_iter=100, seed=0, restarts=1, progress=None,
-                   stats: dict | None = None) -> Permutation:
+                   stats: dict | None = None, unknown=None) -> Permutation:
     """Coordinate descent over the groups in ``only`` (None: all), the others held at ``init``.
 
-    Inputs are not checked here (``weight_matching`` does it). ``stats``, if given, receives
-    ``sweeps`` (per restart) and ``solves`` (cost matrices built and assigned)."""
+    ``unknown`` (None: the groups in ``only``) are the groups whose ``init`` is only a placeholder:
+    they are first seeded by :func:`_seed`. Inputs are not checked here (``weight_matching`` does
+    it). ``stats``, if given, receives ``sweeps`` (per restart) and ``solves`` (cost matrices built
+    and assigned)."""
     permuted = [k for k, ex in spec.axes.items() if any(ex)]
     device = state_a[permuted[0]].device if permuted else torch.device("cpu")
     dtype = torch.float64 if any(state_a[k].dtype == torch.float64 for k in permuted) else torch.float32
@@ -88,14 +92,16 @@ def descend_groups(spec, state_a, state_b, init, only, *, max_iter=100, seed=0, 
     budget = 0.5 * sum(s[k].numel() * s[k].element_size() for s in (state_a, state_b) for k in permuted)
     start = {g: (init[g] if init is not None else torch.arange(n)).long().to(device)
              for g, n in spec.group_sizes.items()}
+    unknown = set(groups if unknown is None else unknown) & set(groups)
 
     best, best_obj = None, None
     bar = tqdm(total=restarts * max_iter, desc="weight matching", unit="sweep", leave=False,
                disable=(None if progress is None else not progress), delay=2.0 if progress is None else 0.0)
     for restart in range(restarts):
         costs = CostCache(spec, state_a, state_b, dtype, _kept(spec, layout, state_a, dtype, budget))
-        perm = _descend(spec, layout, groups, costs, dict(start), random.Random(f"{seed}:{restart}"), max_iter, bar,
-                        restart, stats if stats is not None else {})
+        rng = random.Random(f"{seed}:{restart}")
+        perm = _seed(spec, layout, unknown, costs, dict(start), rng)
+        perm = _descend(spec, layout, groups, costs, perm, rng, max_iter, bar, restart, stats if stats is not None else {})
         obj = objective(spec, state_a, state_b, perm) if restarts > 1 else 0.0
         if best is None or obj > best_obj:
             best, best_obj = perm, obj
@@ -124,6 +130,44 @@ def _kept(spec, layout: Layout, state_a, dtype, budget: float) -> list:
             keep.append(name)
             used += nbytes
     return keep
+
+
+def _seed(spec, layout: Layout, unknown: set, costs, perm, rng) -> dict:
+    """Starting values for the ``unknown`` groups, from the places whose other groups are known.
+
+    A cost term through a group still at its placeholder is noise that can outweigh the true
+    signal (an identity-initialised weight under a wrong permutation of its other axis pulls the
+    solve towards that permutation). So each unknown group is solved, once, on only the units
+    that depend on known groups alone, the group with the most such weight first (random order
+    among equals); it then counts as known. Groups never reached (say, heads × head dim, which
+    only occur together) keep their placeholder; coordinate descent takes it from there."""
+    known = set(spec.group_sizes) - unknown
+    pending = sorted(unknown)
+    rng.shuffle(pending)
+    users: dict = {}
+    for h in pending:
+        for g in layout.deps[h]:
+            users.setdefault(g, []).append(h)
+    work = {}
+
+    def weigh(h):
+        work[h] = sum(costs.a[u.key].numel() for u in layout.units[h] if u.deps <= known)
+
+    for h in pending:
+        weigh(h)
+    while pending:
+        g = max(pending, key=work.get)
+        if not work[g]:
+            break
+        ready = [u for u in layout.units[g] if u.deps <= known]
+        cost = costs.cost(None, ready, perm).detach().to("cpu", torch.float64).numpy()
+        perm[g] = torch.from_numpy(solve_numpy(cost)).to(perm[g].device)
+        known.add(g)
+        pending.remove(g)
+        for h in users.get(g, ()):
+            if h not in known:
+                weigh(h)
+    return perm
 
 
 def _descend(spec, layout: Layout, groups, costs, perm, rng, max_iter, bar, restart, stats: dict) -> dict:

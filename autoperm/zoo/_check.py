@@ -15,10 +15,11 @@ from ..spec import PermutationSpec
 from ._registry import ZooEntry
 
 __all__ = ["ZooRecord", "build", "check_model", "has_batchnorm", "culprit_groups", "invariance_errors",
-           "invariance_reason", "planted_weight_matching",
-           "planted_activation_matching", "pin_kinds", "TOLERANCE"]
+           "invariance_reason", "float64_errors", "planted_weight_matching",
+           "planted_activation_matching", "pin_kinds", "TOLERANCE", "TOLERANCE_FLOAT64"]
 
 TOLERANCE = 1e-4  # largest relative output change that counts as unchanged (float32, deep nets)
+TOLERANCE_FLOAT64 = 1e-9  # the same in float64, where round-off is about 1e-15
 _DROP_KWARGS = ({"drop_rate": 0.0, "drop_path_rate": 0.0}, {"drop_rate": 0.0}, {})
 
 
@@ -48,6 +49,7 @@ class ZooRecord:
     unsupported: list = field(default_factory=list)
     error_eval: float | None = None
     error_train: float | None = None
+    error_float64: float | None = None  # when float32 exceeded the tolerance: the worst error in float64
     planted: dict = field(default_factory=dict)  # matcher -> "recovered" or why not
     infer_s: float = 0.0
     time_s: float = 0.0
@@ -191,6 +193,20 @@ def invariance_errors(model: torch.nn.Module, spec: PermutationSpec, x, seed: in
         model.eval()
 
 
+def float64_errors(model: torch.nn.Module, spec: PermutationSpec, x, seed: int = 0) -> tuple[float, float | None]:
+    """:func:`invariance_errors` on a float64 copy of the model and inputs.
+
+    Deep nets in train mode (BatchNorm over a batch of 2) amplify float32 round-off past the
+    tolerance; in float64 a sound spec stays near 1e-12 while a wrong permutation still changes
+    the outputs by order one, so this tells round-off from a wrong spec.
+    """
+    import copy
+
+    m64 = copy.deepcopy(model).double()
+    x64 = tuple(t.double() if t.is_floating_point() else t for t in x) if isinstance(x, tuple) else x.double()
+    return invariance_errors(m64, spec, x64, seed)
+
+
 def invariance_reason(model, spec: PermutationSpec, x, errors, tol: float = TOLERANCE, locate: bool = True) -> str:
     """Why the invariance check failed: the error, the mode, and the groups that change outputs alone."""
     ev, tr = errors
@@ -231,8 +247,11 @@ def _run_stages(entry, rec, seed, tol, planted, locate):
     errors = invariance_errors(model, spec, x, seed)
     rec.error_eval, rec.error_train = errors
     if not max(e for e in errors if e is not None) <= tol:
-        rec.reason = invariance_reason(model, spec, x, errors, tol, locate)
-        return
+        rec.error_float64 = max(e for e in float64_errors(model, spec, x, seed) if e is not None)
+        if not rec.error_float64 <= TOLERANCE_FLOAT64:
+            rec.reason = invariance_reason(model, spec, x, errors, tol, locate)
+            return
+        rec.reason = f"float32 round-off {max(e for e in errors if e is not None):.1e}; float64 {rec.error_float64:.1e}"
     if planted:
         rec.stage = "planted"
         rec.planted["weight"] = planted_weight_matching(spec, model.state_dict(), seed + 1)
