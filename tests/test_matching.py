@@ -68,6 +68,25 @@ class Attention(nn.Module):
         return self.out(x.mean(1))
 
 
+class QKNorm(nn.Module):
+    """Attention with a LayerNorm over each head's dimensions on q and k (timm's qk_norm): the
+    norms carry the head dimension plainly, but their outputs carry the heads on axis 1."""
+
+    def __init__(self, dim=32, heads=8):
+        super().__init__()
+        self.heads = heads
+        self.embed, self.out = nn.Linear(6, dim), nn.Linear(dim, 3)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = nn.LayerNorm(dim // heads), nn.LayerNorm(dim // heads)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        y = nn.functional.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.out((x + self.proj(y.transpose(1, 2).reshape(b, t, d))).mean(1))
+
+
 class IdentityInit(nn.Module):
     """A residual stream through blocks whose first layer starts at the identity (as ConViT's value
     projection): under a wrong hidden permutation, those weights pull the stream's solve to it."""
@@ -98,6 +117,22 @@ class Pooled(nn.Module):
         return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).mean((2, 3)))))
 
 
+class Cancelling(nn.Module):
+    """A hidden layer reading a stream with a large constant offset through weights whose rows sum
+    to zero: its units' variation is comparable to the float32 round-off of the cancelling sums,
+    which differs between A and a permuted copy B (their sums run in other orders)."""
+
+    def __init__(self, offset=1e7):
+        super().__init__()
+        self.offset = offset
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 64), nn.Linear(64, 48), nn.Linear(48, 3)
+        with torch.no_grad():
+            self.fc2.weight.sub_(self.fc2.weight.mean(1, keepdim=True))
+
+    def forward(self, x):
+        return self.fc3(self.fc2(torch.relu(self.fc1(x)) + self.offset))
+
+
 def _mlp():
     return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3)), torch.randn(2, 5)
 
@@ -116,6 +151,7 @@ MODELS = {
     "vit": _vit,
     "identity_init": lambda: (IdentityInit(), torch.randn(2, 3)),
     "pooled": lambda: (Pooled(), torch.randn(2, 3, 6, 6)),
+    "qk_norm": lambda: (QKNorm(), torch.randn(2, 5, 6)),
 }
 
 
@@ -242,6 +278,12 @@ def test_activation_sites_cover_plain_groups():
     assert sorted(autoperm.matching.activation_sites(spec, model).values()) == sorted(spec.group_sizes)
 
 
+def test_activation_sites_skip_groups_inside_a_product_with_another():
+    spec, _, _, _, model, _ = planted("qk_norm")  # q_norm's rows mix heads, which B orders differently
+    sites = autoperm.matching.activation_sites(spec, model)
+    assert "q_norm" not in sites and "k_norm" not in sites and "embed" in sites
+
+
 def test_activation_matching_correlation_beats_identity_on_a_noisy_copy():
     spec, a, b, p, model, x = planted("mlp")
     noisy = {k: v + 0.05 * torch.randn_like(v) for k, v in b.items()}
@@ -278,6 +320,17 @@ def test_ste_matching_lowers_the_midpoint_loss():
         return float(nn.functional.cross_entropy(torch.func.functional_call(ma, mid, (x,)), y))
 
     assert midpoint_loss(perm) <= midpoint_loss(wm) + 1e-6
+
+
+def test_activation_matching_round_off_limited_groups_fall_back_to_weights():
+    torch.manual_seed(0)
+    model = Cancelling().eval()
+    spec = autoperm.infer_spec(model, torch.randn(2, 4))
+    p = autoperm.random_permutation(spec, seed=1)
+    perm = autoperm.activation_matching(spec, model, _model_b(model, autoperm.apply_permutation(spec, p, model.state_dict())),
+                                        [torch.randn(32, 4)], progress=False)
+    inv = autoperm.inverse_permutation(p)
+    assert all(torch.equal(perm[g], inv[g]) for g in spec.group_sizes)
 
 
 def test_activation_matching_with_a_single_sample():

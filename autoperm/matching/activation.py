@@ -1,6 +1,7 @@
 """Activation matching: align hidden units by the correlation of their activations on data."""
 from __future__ import annotations
 
+import copy
 from typing import Iterable
 
 import numpy as np
@@ -10,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..barrier.norm import _input as batch_input
 from ..permutation import Permutation
-from ..spec import PermutationSpec
+from ..spec import PermutationSpec, walk_groups
 from ._costs import check_states
 from ._lap import solve_numpy
 from .weight import descend_groups
@@ -27,24 +28,58 @@ def activation_sites(spec: PermutationSpec, model: nn.Module) -> dict:
     A module qualifies when one of its own parameters has the plain expression ``{"g": G}`` on
     axis 0: the output units of a convolution or linear layer, the channels of a normalization
     layer or of an element-wise scale. Transposed convolutions (weight axis 0 is the input) do not.
+
+    A group that shares a product axis with another group (a head dimension, in
+    ``{"prod": [heads, head dim]}``) has no site: a module that carries it plainly (a per-head
+    norm of q or k, MViT's pooling of q, k and v) sees the partner group on another axis of its
+    output, or folded into the batch, where the two models order it differently, so its rows
+    are not samples of the same unit. Such groups are left to weight matching.
     """
+    entangled = _entangled_groups(spec)
     sites = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.conv._ConvTransposeNd):
             continue
         for pname, _ in module.named_parameters(recurse=False):
             exprs = spec.axes.get(f"{name}.{pname}" if name else pname)
-            if exprs and exprs[0] is not None and set(exprs[0]) == {"g"}:
+            if exprs and exprs[0] is not None and set(exprs[0]) == {"g"} and exprs[0]["g"] not in entangled:
                 sites.setdefault(name, exprs[0]["g"])
     return sites
 
 
+def _entangled_groups(spec: PermutationSpec) -> set:
+    """The groups that appear in a ``prod`` expression together with another group."""
+    out: set = set()
+
+    def visit(e):
+        if not e or "g" in e or "fixed" in e:
+            return
+        kind, parts = next(iter(e.items()))
+        if kind == "prod":
+            names = set(walk_groups(e))
+            if len(names) > 1:
+                out.update(names)
+        for part in parts:
+            visit(part)
+
+    for exprs in spec.axes.values():
+        for e in exprs:
+            visit(e)
+    return out
+
+
 class _Stats:
-    """Streaming float64 moments of two sites' activations: means, variances, cross products."""
+    """Streaming float64 moments of two sites' activations: means, variances, cross products;
+    and the mean square of A's round-off (its activations less a float64 run's)."""
 
     def __init__(self):
-        self.n = 0
-        self.sa = self.sb = self.saa = self.sbb = self.sab = None
+        self.n = self.n_noise = 0
+        self.sa = self.sb = self.saa = self.sbb = self.sab = self.snoise = None
+
+    def add_noise(self, a: torch.Tensor, ref: torch.Tensor) -> None:
+        d = (a.double() - ref.double()).pow(2).sum(0)
+        self.snoise = d if self.snoise is None else self.snoise + d
+        self.n_noise += len(a)
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
         a, b = a.double(), b.double()
@@ -71,6 +106,18 @@ class _Stats:
         const = 1 - (ma[:, None] - mb[None, :]).abs() / (ma.abs()[:, None] + mb.abs()[None, :]).clamp_min(1e-30)
         return torch.where(~live_a[:, None] & ~live_b[None, :], const, corr)
 
+    def uncertainty(self) -> torch.Tensor:
+        """Per unit of A, how far round-off can move its correlations: the rms round-off over
+        the unit's spread (its mean, for a constant unit), at most 1; 0 where none was measured."""
+        ma = self.sa / self.n
+        var_a = (self.saa / self.n - ma * ma).clamp_min(0)
+        if self.snoise is None:
+            return torch.zeros_like(ma)
+        noise = (self.snoise / self.n_noise).sqrt()
+        live = var_a > 1e-10 * ma * ma + 1e-30
+        scale = torch.where(live, var_a.sqrt(), ma.abs())
+        return torch.where(noise > 0, (noise / scale.clamp_min(1e-300)).clamp_max(1.0), torch.zeros_like(noise))
+
 
 def _channel_axis(module: nn.Module, out: torch.Tensor, n: int) -> int | None:
     """The axis of ``out`` carrying ``n`` channels (None: no such axis)."""
@@ -83,17 +130,33 @@ def _channel_axis(module: nn.Module, out: torch.Tensor, n: int) -> int | None:
     return 1 if channel_first and 1 in axes else axes[-1]
 
 
-def _tied(cost: np.ndarray, p: np.ndarray, rtol: float = 1e-9) -> bool:
+def _tied(cost: np.ndarray, p: np.ndarray, rtol: float = 1e-9, unc: np.ndarray | None = None) -> bool:
     """Whether swapping the matches of some two units of the assignment ``p`` leaves its value
-    ``Σ_i cost[i, p(i)]`` unchanged (within ``rtol`` of the largest entry)."""
+    ``Σ_i cost[i, p(i)]`` unchanged (within ``rtol`` of the largest entry), or changes it by no
+    more than round-off could: ``unc[i]`` bounds how far round-off moves a cost entry of unit
+    ``i`` (of A, and of its match in B), so a swap of ``i`` and ``k``, four entries, is within
+    ``4 (unc[i] + unc[k])`` of a tie."""
     if len(p) < 2:
         return False
     x = cost[:, p]  # x[i, k]: unit i given k's match
     v = np.diagonal(x).copy()
     gain = v[:, None] - x
     gain += gain.T  # the loss of swapping the matches of i and k
+    if unc is not None:
+        gain -= 4 * (unc[:, None] + unc[None, :])
     np.fill_diagonal(gain, np.inf)
     return bool(gain.min() <= rtol * max(1.0, float(np.abs(cost).max())))
+
+
+def _float64_copy(model: nn.Module) -> nn.Module | None:
+    """A float64 copy of ``model`` in eval mode; None where its tensors already are float64."""
+    if all(t.dtype == torch.float64 for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()):
+        return None
+    return copy.deepcopy(model).double().eval()
+
+
+def _float64(args: tuple) -> tuple:
+    return tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 @torch.no_grad()
@@ -113,7 +176,10 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
     products) are matched by weight matching, the others held at their activation result; so
     is a group whose assignment is tied, some two units swappable at no cost (too few samples:
     on a batch of 2, a layer after global pooling sees 2 values per unit, and every correlation
-    is ±1).
+    is ±1), or at a cost that round-off could produce. Round-off is measured on the first batch:
+    a float64 copy of ``model_a`` (made for that batch only, on its device) runs it, and a unit
+    whose activations vary by little more than their float32 error (nearly constant units, as
+    after a large bias) has correlations that round-off alone can reorder.
 
     Args:
         spec: the models' spec (``autoperm.infer_spec``).
@@ -139,6 +205,7 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
     sites = activation_sites(spec, model_a)
     stats = {name: _Stats() for name in sites}
     captured: dict = {}
+    ref = _float64_copy(model_a)  # made before the hooks, which a copy would carry
     modules_a, modules_b = dict(model_a.named_modules()), dict(model_b.named_modules())
 
     def hook(which, name):
@@ -152,6 +219,10 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
     modes = {m: m.training for m in (*model_a.modules(), *model_b.modules())}
     model_a.eval()
     model_b.eval()
+    if ref is not None:
+        ref_modules = dict(ref.named_modules())
+        handles += [ref_modules[n].register_forward_hook(hook("r", n)) for n in sites]
+        del ref_modules
     seen = 0
     try:
         for batch in tqdm(batches, desc="activation matching", unit="batch", leave=False,
@@ -160,8 +231,16 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
             args = x if isinstance(x, tuple) else (x,)
             model_a(*args)
             model_b(*args)
+            if ref is not None:  # round-off of A on the first batch, against a float64 run
+                try:
+                    ref(*_float64(args))
+                except Exception:  # noqa: BLE001 - a model that cannot run in float64: no estimate
+                    for name in sites:
+                        captured.pop(("r", name), None)
+                ref = None
             for name, group in sites.items():
                 (mod, a), (_, b) = captured.pop(("a", name), (None, None)), captured.pop(("b", name), (None, None))
+                _, r = captured.pop(("r", name), (None, None))
                 if a is None or b is None or a.shape != b.shape:
                     continue
                 axis = _channel_axis(mod, a, spec.group_sizes[group])
@@ -169,6 +248,8 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
                     continue
                 n = spec.group_sizes[group]
                 stats[name].add(a.movedim(axis, -1).reshape(-1, n), b.movedim(axis, -1).reshape(-1, n))
+                if r is not None and r.shape == a.shape:
+                    stats[name].add_noise(a.movedim(axis, -1).reshape(-1, n), r.movedim(axis, -1).reshape(-1, n))
             seen += 1
     finally:
         for h in handles:
@@ -179,15 +260,18 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
         raise ValueError("activation_matching needs at least one batch")
 
     cost: dict = {}
+    unc: dict = {}
     for name, group in sites.items():
         if stats[name].n:
             c = stats[name].correlation().cpu().numpy()
+            u = stats[name].uncertainty().cpu().numpy()
             cost[group] = c if group not in cost else cost[group] + c
+            unc[group] = u if group not in unc else unc[group] + u
     perm = {g: torch.arange(n) for g, n in spec.group_sizes.items()}
     for group, c in list(cost.items()):
         c = np.nan_to_num(c)
         p = solve_numpy(c)
-        if _tied(c, p):  # the data cannot tell some units apart: left to the weights
+        if _tied(c, p, unc=unc[group]):  # the data cannot tell some units apart: left to the weights
             del cost[group]
         else:
             perm[group] = torch.from_numpy(p)
