@@ -98,8 +98,13 @@ class AtomTable:
         r.kind, r.children = kind, kids
         return kids
 
-    def as_prod(self, a: int, sizes: list[int]) -> list[int] | None:
-        """Atoms ``x_i`` of the given sizes with ``a == prod[x_i]``, refining as needed; None if impossible."""
+    def as_prod(self, a: int, sizes: list[int], where: str = "a reshape") -> list[int] | None:
+        """Atoms ``x_i`` of the given sizes with ``a == prod[x_i]``, refining as needed; None if impossible.
+
+        A concatenation whose every segment is a multiple of the inner size ``m = prod(sizes[1:])``
+        factors too: ``cat[s_k]`` with ``s_k = prod[h_k, f_k]`` is ``prod[cat[h_k], f]`` once the
+        inner atoms ``f_k`` are tied (``(⊕ π_k) ⊗ σ`` restricts ``⊕ (π_k ⊗ σ_k)``).
+        """
         sizes = list(sizes)
         if math.prod(sizes) != self.size(a):
             return None
@@ -110,7 +115,17 @@ class AtomTable:
         elif r.kind is None:
             kids = self._refine(a, "prod", real)
         elif r.kind == "cat":
-            return None
+            inner = math.prod(real[1:])
+            segs = self.segments(a)
+            if any(self.size(s) % inner for s in segs):
+                return None
+            per = [self.as_prod(s, [self.size(s) // inner] + real[1:], where) for s in segs]
+            if any(p is None for p in per):
+                return None
+            for p in per[1:]:
+                for x, y in zip(per[0][1:], p[1:]):
+                    self.union(x, y, where)
+            kids = [self.composite("cat", [p[0] for p in per])] + per[0][1:]
         else:
             facs = self.factors(a)
             common = _common_factors([self.size(f) for f in facs], real)
@@ -121,7 +136,7 @@ class AtomTable:
                 share, p = [], 1
                 while p < self.size(f):
                     share.append(common[k]); p *= common[k]; k += 1
-                sub = [f] if len(share) == 1 else self.as_prod(f, share)
+                sub = [f] if len(share) == 1 else self.as_prod(f, share, where)
                 if sub is None:
                     return None
                 fine.extend(sub)
@@ -202,8 +217,8 @@ class AtomTable:
         if ia.kind == ib.kind == "prod":
             fa, fb = self.factors(ra), self.factors(rb)
             common = _common_factors([self.size(f) for f in fa], [self.size(f) for f in fb])
-            xa = self.as_prod(ra, common) if common else None
-            xb = self.as_prod(rb, common) if common else None
+            xa = self.as_prod(ra, common, where) if common else None
+            xb = self.as_prod(rb, common, where) if common else None
         elif ia.kind == ib.kind == "cat":
             sa, sb = self.segments(ra), self.segments(rb)
             cuts = sorted(set(_cumsum([self.size(s) for s in sa])) | set(_cumsum([self.size(s) for s in sb])))

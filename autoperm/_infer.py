@@ -116,7 +116,7 @@ class Context:
 
     def split_prod(self, a: int, sizes: Sequence[int], why: str) -> list[int]:
         """Factor ``a`` into row-major factors of ``sizes``; pins ``a`` when it cannot be factored."""
-        out = self.atoms.as_prod(a, list(sizes))
+        out = self.atoms.as_prod(a, list(sizes), self.where)
         if out is None:
             self.pin(a, f"{why}: cannot factor {self.size(a)} as {list(sizes)}")
             out = [self.fresh(s, self.atoms.pinned(a)) for s in sizes]  # the pieces keep the atom's reason
@@ -224,6 +224,8 @@ def _call(ctx: Context, node: Node):
         lay = ctx.lay(seq)
         return lay[i] if isinstance(lay, list) else _default_rule(ctx, node, "getitem on a non-sequence")
     rule = get_rule(node.target)
+    if rule is None and isinstance(node.target, torch._ops.HigherOrderOperator) and _body(node) is not None:
+        return _check(ctx, node, _call_body(ctx, node))
     if rule is None:
         return _default_rule(ctx, node, f"no rule for {_target_name(node.target)}")
     try:
@@ -231,6 +233,52 @@ def _call(ctx: Context, node: Node):
     except Exception as e:  # noqa: BLE001 - a failing rule pins instead of crashing
         return _default_rule(ctx, node, f"rule for {_target_name(node.target)} failed ({type(e).__name__}: {e})")
     return _check(ctx, node, out)
+
+
+_WRAPPERS = {"wrap_with_set_grad_enabled", "wrap_with_autocast"}
+
+
+def _body(node: Node):
+    """``(graph module, operands)`` of a higher-order op that runs a submodule's graph on its operands unchanged
+    but for grad mode / autocast (values, hence couplings, are those of the body); else None."""
+    if _target_name(node.target) not in _WRAPPERS:
+        return None
+    for i, a in enumerate(node.args):
+        if isinstance(a, Node) and a.op == "get_attr":
+            gm = getattr(node.graph.owning_module, a.target, None)
+            if isinstance(gm, torch.fx.GraphModule):
+                return gm, node.args[i + 1:]
+            return None
+    return None
+
+
+def _call_body(ctx: Context, node: Node):
+    """Analyse the wrapped graph in place: its placeholders carry the operands' layouts, every op its own rule;
+    the outputs' layouts are the wrapper's (a list, read by getitem)."""
+    gm, operands = _body(node)
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(phs) != len(operands):
+        raise ValueError(f"{len(operands)} operands for {len(phs)} placeholders")
+    out = None
+    try:
+        for n in gm.graph.nodes:
+            ctx.node = n
+            if n.op == "placeholder":
+                ctx.layouts[n] = ctx.layouts.get(operands[phs.index(n)]) if isinstance(operands[phs.index(n)], Node) else None
+            elif n.op == "call_function":
+                ctx.layouts[n] = _call(ctx, n)
+            elif n.op == "get_attr":
+                shp = ctx.shape(n)
+                ctx.layouts[n] = ctx.pinned_layout(shp, "graph attribute") if shp is not None else None
+            elif n.op == "output":
+                res = n.args[0]
+                res = list(res) if isinstance(res, (list, tuple)) else [res]
+                out = [ctx.lay(r) if isinstance(r, Node) else None for r in res]
+            else:
+                ctx.layouts[n] = _default_rule(ctx, n, f"unsupported node kind {n.op}")
+    finally:
+        ctx.node = node
+    return out
 
 
 def _check(ctx: Context, node: Node, out):

@@ -119,3 +119,19 @@ def test_relative_difference_with_infinities():
     assert relative_difference(torch.tensor([1.0, inf]), torch.tensor([1.0, inf])) == 0.0
     assert relative_difference(torch.tensor([2.0, inf]), torch.tensor([1.0, inf])) == 0.5
     assert relative_difference(torch.tensor([1.0, inf]), torch.tensor([inf, 1.0])) == float("inf")
+
+
+def test_infinite_buffers_are_allowed():
+    """Clamp bounds of ±inf (timm's clippable linears) are buffers, not a broken model."""
+    class Clipped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+            self.register_buffer("lo", torch.tensor(float("-inf")))
+            self.register_buffer("hi", torch.tensor(float("inf")))
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x.clamp(self.lo, self.hi))))
+
+    model, x = Clipped(), torch.randn(3, 4)
+    assert autoperm.check_invariance(model, autoperm.infer_spec(model, x), x) < 1e-5

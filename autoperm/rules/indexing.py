@@ -72,3 +72,10 @@ def index_select(ctx, x, dim, index):
     d = dim % len(lay)
     ctx.pin(lay[d], "axis addressed by an index tensor")
     return lay[:d] + ctx.lay(index) + lay[d + 1:]
+
+
+@builtin_rule("aten.one_hot")
+def one_hot(ctx, x, num_classes=-1):
+    """out[.., c] = (x[..] == c): out's leading axes ~ x; the class axis is addressed by x's values (ids): pinned."""
+    n = ctx.out_shape()[-1]
+    return ctx.lay(x) + (ctx.fresh(n, f"one-hot class axis (addressed by ids) at {ctx.where}"),)

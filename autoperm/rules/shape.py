@@ -335,3 +335,39 @@ def sort(ctx, x, dim=-1, descending=False):
     """Sort returns (values, indices) ordered along ``dim``: pin it."""
     lay = _pin_axes(ctx, x, dim, "sorted axis")
     return [lay, lay]
+
+
+@builtin_rule("aten.unfold")
+def unfold(ctx, x, dim, size, step):
+    """Sliding windows: out[.., i, .., j] = x[.., i*step + j, ..]; other axes ~ x.
+
+    ``dim`` mixes window and offset positions: x[dim], out[dim] and the new trailing axis are
+    pinned, except the two trivial cases where one window covers the axis (trailing ~ x[dim]) or
+    windows have size 1 and step 1 (out[dim] ~ x[dim])."""
+    lay = list(ctx.lay(x))
+    d = _dim(dim, len(lay))
+    n, out = ctx.shape(x)[d], ctx.out_shape()
+    if size == n:
+        lay[d], tail = ctx.fresh(1), lay[d]
+    elif size == 1 and step == 1:
+        tail = ctx.fresh(1)
+    else:
+        ctx.pin(lay[d], "unfolded (windowed) axis")
+        lay[d] = ctx.fresh(out[d], f"unfolded (windowed) axis at {ctx.where}")
+        tail = ctx.fresh(size, f"window axis of unfold at {ctx.where}")
+    return tuple(lay) + (tail,)
+
+
+@builtin_rule("aten.meshgrid")
+def meshgrid(ctx, tensors, indexing="ij"):
+    """Grids: out_k = x_k (1-D) expanded; out_k[v_k] ~ x_k[0] with v_k = k ('ij'; 'xy' swaps the first two),
+    every other axis of out_k is a broadcast (constant) axis, so its atom is free."""
+    shapes = ctx.out_shape()
+    n = len(tensors)
+    outs = []
+    for k, (t, shp) in enumerate(zip(tensors, shapes)):
+        v = (1 - k if k < 2 else k) if indexing == "xy" and n >= 2 else k
+        lay = ctx.lay(t)
+        src = lay[0] if lay else ctx.fresh(1)
+        outs.append(tuple(src if i == v else ctx.fresh(s) for i, s in enumerate(shp)))
+    return outs

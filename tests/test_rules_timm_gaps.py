@@ -1,0 +1,183 @@
+"""Toy models for ops the timm zoo met without a (working) rule: amax, unfold, meshgrid, one_hot,
+wrapped no-grad / autocast regions, and a reshape of a concatenation into heads x head dim."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import spec_and_error, tied_sets
+
+TOL = 1e-5
+
+
+class _ChannelAndSpatialMax(nn.Module):
+    """CBAM-like: amax over space (channels follow) and over channels (the channel axis vanishes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        gate = h.amax(dim=(2, 3), keepdim=True)  # aten.amax.default with dim / keepdim
+        spatial = h.amax(dim=1, keepdim=True)  # over the permuted axis: symmetric, it vanishes
+        return self.b(h * torch.sigmoid(gate) + spatial) + h.amax()
+
+
+def test_amax_over_space_and_channels_keeps_the_channel_group():
+    spec, err = spec_and_error(_ChannelAndSpatialMax(), torch.randn(2, 3, 6, 6))
+    assert not spec.unsupported
+    assert tied_sets(spec) == {frozenset({("a.weight", 0), ("a.bias", 0), ("b.weight", 1)})}
+    assert err < TOL
+
+
+class _Unfold(nn.Module):
+    def __init__(self, size, step):
+        super().__init__()
+        self.size, self.step = size, step
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.a(x).unfold(2, self.size, self.step)  # (B, C, nH, W, size)
+        h = (h * torch.linspace(0.5, 1.5, self.size)).sum(-1)  # position-weighted window sum
+        return self.b(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("size,step", [(3, 1), (2, 2), (6, 1), (1, 1)])
+def test_unfold_keeps_channels_and_pins_windows(size, step):
+    spec, err = spec_and_error(_Unfold(size, step), torch.randn(2, 3, 6, 5))
+    assert not spec.unsupported
+    assert tied_sets(spec) == {frozenset({("a.weight", 0), ("a.bias", 0), ("b.weight", 1)})}
+    assert err < TOL
+
+
+class _Meshgrid(nn.Module):
+    def __init__(self, indexing):
+        super().__init__()
+        self.indexing = indexing
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.p, self.q = nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        g0, g1 = torch.meshgrid(self.p, self.q, indexing=self.indexing)
+        if self.indexing == "ij":  # (8, 6): g0 varies along 0, g1 along 1
+            h = (h.unsqueeze(-1) * g0 + g1.exp()).mean(-1)
+        else:  # "xy" (6, 8): g0 varies along 1, g1 along 0
+            h = (h.unsqueeze(1) * g0 + g1.exp()).mean(1)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("indexing", ["ij", "xy"])
+def test_meshgrid_outputs_follow_their_inputs(indexing):
+    spec, err = spec_and_error(_Meshgrid(indexing), torch.randn(3, 4))
+    assert not spec.unsupported
+    assert tied_sets(spec) == {
+        frozenset({("a.weight", 0), ("a.bias", 0), ("p", 0), ("b.weight", 1)}),
+        frozenset({("q", 0)}),  # averaged over: any permutation of q leaves the mean unchanged
+    }
+    assert err < TOL
+
+
+class _OneHot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(3, 8))
+        self.lin = nn.Linear(8, 2)
+
+    def forward(self, x):
+        ids = (x > 0).long() + (x > 1).long()
+        return self.lin(torch.relu(F.one_hot(ids, 3).float() @ self.table))
+
+
+def test_one_hot_class_axis_is_pinned_and_the_rest_follows():
+    spec, err = spec_and_error(_OneHot(), torch.randn(2, 5) * 2)
+    assert not spec.unsupported
+    assert tied_sets(spec) == {frozenset({("table", 1), ("lin.weight", 1)})}
+    assert spec.axes["table"][0] is None  # rows addressed by the ids
+    assert err < TOL
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, autocast):
+        super().__init__()
+        self.autocast = autocast
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.autocast:
+            with torch.autocast("cpu", enabled=False):
+                h = torch.relu(self.b(h))
+        else:
+            with torch.no_grad():
+                h = torch.relu(self.b(h))
+        return self.c(h)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_wrapped_no_grad_region_is_analysed_inside(autocast):
+    spec, err = spec_and_error(_Wrapped(autocast), torch.randn(3, 4))
+    assert not spec.unsupported
+    assert tied_sets(spec) == {
+        frozenset({("a.weight", 0), ("a.bias", 0), ("b.weight", 1)}),
+        frozenset({("b.weight", 0), ("b.bias", 0), ("c.weight", 1)}),
+    }
+    assert err < TOL
+
+
+class _CatToHeads(nn.Module):
+    """CoaT's conv relative position encoding: channels split per head group [2, 3, 3] x 4, each group
+    scaled on its own, concatenated, then viewed as 8 heads x 4."""
+
+    def __init__(self, splits=(2, 3, 3), dim=4):
+        super().__init__()
+        self.splits, self.dim = list(splits), dim
+        c = sum(splits) * dim
+        self.v = nn.Linear(5, c)
+        self.scales = nn.ParameterList([nn.Parameter(torch.randn(s * dim)) for s in splits])
+        self.head_bias = nn.Parameter(torch.randn(sum(splits), 1))
+        self.out = nn.Linear(c, 2)
+
+    def forward(self, x):
+        v = self.v(x)  # (B, N, 8 * 4)
+        parts = torch.split(v, [s * self.dim for s in self.splits], dim=-1)
+        v = torch.cat([p * s for p, s in zip(parts, self.scales)], dim=-1)
+        h = v.reshape(x.shape[0], x.shape[1], sum(self.splits), self.dim)
+        h = torch.softmax(h, dim=-1) + self.head_bias  # per head: the within-head axis is shared
+        return self.out(h.reshape(x.shape[0], x.shape[1], -1))
+
+
+def test_reshape_of_a_concatenation_into_heads():
+    spec, err = spec_and_error(_CatToHeads(), torch.randn(2, 3, 5))
+    assert not spec.unsupported
+    e = spec.axes["v.weight"][0]
+    heads = [part["prod"][0] for part in e["cat"]]
+    inner = {part["prod"][1]["g"] for part in e["cat"]}
+    assert len(inner) == 1  # one within-head permutation for every piece
+    assert spec.axes["head_bias"][0] == {"cat": heads}
+    (g,) = inner
+    assert spec.axes["out.weight"][1] == {"prod": [{"cat": heads}, {"g": g}]}  # the same permutation as e
+    assert sorted(spec.group_sizes.values()) == [2, 3, 3, 4]
+    assert err < TOL
+
+
+def test_reshape_of_a_concatenation_that_does_not_factor_pins():
+    spec, err = spec_and_error(_CatToHeads(splits=(1, 1), dim=6), torch.randn(2, 3, 5))
+    assert err < TOL  # 6 + 6 viewed as (2, 6) factors; now cut it badly: (3, 4)
+
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 6), nn.Linear(5, 6)
+            self.w = nn.Parameter(torch.randn(3, 1))
+            self.out = nn.Linear(12, 2)
+
+        def forward(self, x):
+            h = torch.cat([self.a(x), self.b(x)], -1).reshape(*x.shape[:-1], 3, 4)
+            return self.out((torch.softmax(h, -1) * self.w).flatten(-2))
+
+    spec, err = spec_and_error(Bad(), torch.randn(2, 5))
+    assert spec.axes["a.weight"][0] is None and spec.axes["b.weight"][0] is None
+    assert any("cannot factor 12 as [3, 4]" in p.reason for p in spec.pinned)
+    assert err < TOL
