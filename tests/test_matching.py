@@ -133,6 +133,31 @@ class Cancelling(nn.Module):
         return self.fc3(self.fc2(torch.relu(self.fc1(x)) + self.offset))
 
 
+class AdditiveAttention(nn.Module):
+    """SwiftFormer's efficient additive attention: the module holds ``w_g`` on the query's group
+    itself, but returns its ``final`` projection, on the residual stream's (of the same size)."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.to_query, self.final = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.w_g = nn.Parameter(torch.randn(dim, 1))
+
+    def forward(self, x):
+        q = nn.functional.normalize(self.to_query(x), dim=-1)
+        a = nn.functional.normalize(q @ self.w_g, dim=1)
+        return self.final((a * q).sum(1, keepdim=True) * q + q)
+
+
+class Additive(nn.Module):
+    def __init__(self, dim=8):
+        super().__init__()
+        self.embed, self.attn, self.out = nn.Linear(6, dim), AdditiveAttention(dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.out((x + self.attn(x)).mean(1))
+
+
 def _mlp():
     return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3)), torch.randn(2, 5)
 
@@ -152,6 +177,7 @@ MODELS = {
     "identity_init": lambda: (IdentityInit(), torch.randn(2, 3)),
     "pooled": lambda: (Pooled(), torch.randn(2, 3, 6, 6)),
     "qk_norm": lambda: (QKNorm(), torch.randn(2, 5, 6)),
+    "additive": lambda: (Additive(), torch.randn(2, 5, 6)),
 }
 
 
@@ -283,6 +309,12 @@ def test_activation_sites_skip_groups_inside_a_product_with_another():
     sites = autoperm.matching.activation_sites(spec, model)
     assert "q_norm" not in sites and "k_norm" not in sites and "embed" in sites
 
+
+
+def test_activation_sites_skip_modules_with_parameterized_submodules():
+    spec, _, _, _, model, _ = planted("additive")  # attn holds w_g (the query's group), returns final's output
+    sites = autoperm.matching.activation_sites(spec, model)
+    assert "attn" not in sites and sites["attn.to_query"] == "attn.w_g:0" and sites["attn.final"] == sites["embed"]
 
 def test_activation_matching_correlation_beats_identity_on_a_noisy_copy():
     spec, a, b, p, model, x = planted("mlp")

@@ -27,7 +27,10 @@ def activation_sites(spec: PermutationSpec, model: nn.Module) -> dict:
 
     A module qualifies when one of its own parameters has the plain expression ``{"g": G}`` on
     axis 0: the output units of a convolution or linear layer, the channels of a normalization
-    layer or of an element-wise scale. Transposed convolutions (weight axis 0 is the input) do not.
+    layer or of an element-wise scale. Transposed convolutions (weight axis 0 is the input) do not,
+    nor does a module with parameterized submodules: its output is whatever its forward makes of
+    theirs, not its own parameter's units (SwiftFormer's attention holds ``w_g``, on the query's
+    group, and returns its ``final`` projection, on the residual stream's, of the same size).
 
     A group that shares a product axis with another group (a head dimension, in
     ``{"prod": [heads, head dim]}``) has no site: a module that carries it plainly (a per-head
@@ -38,13 +41,17 @@ def activation_sites(spec: PermutationSpec, model: nn.Module) -> dict:
     entangled = _entangled_groups(spec)
     sites = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        if isinstance(module, nn.modules.conv._ConvTransposeNd) or _has_parameterized_children(module):
             continue
         for pname, _ in module.named_parameters(recurse=False):
             exprs = spec.axes.get(f"{name}.{pname}" if name else pname)
             if exprs and exprs[0] is not None and set(exprs[0]) == {"g"} and exprs[0]["g"] not in entangled:
                 sites.setdefault(name, exprs[0]["g"])
     return sites
+
+
+def _has_parameterized_children(module: nn.Module) -> bool:
+    return any(True for child in module.children() for _ in child.parameters())
 
 
 def _entangled_groups(spec: PermutationSpec) -> set:
