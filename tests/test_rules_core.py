@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import autoperm
-from conftest import spec_and_error, tied_sets
+from rule_helpers import spec_and_error, tied_sets
 
 TOL = 1e-5
 

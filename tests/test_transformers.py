@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import autoperm
-from conftest import spec_and_error
+from rule_helpers import spec_and_error
 
 TOL = 1e-5
 
