@@ -101,12 +101,16 @@ class _Stats:
         self.sbb += (b * b).sum(0)
         self.sab.addmm_(a.T, b)
 
+    def _moments(self, s: torch.Tensor, ss: torch.Tensor) -> tuple:
+        """Means, variances, and which units vary (std above 1e-5 of the mean), from sums ``s``, ``ss``."""
+        mean = s / self.n
+        var = (ss / self.n - mean * mean).clamp_min(0)
+        return mean, var, var > 1e-10 * mean * mean + 1e-30
+
     def correlation(self) -> torch.Tensor:
         """Pearson correlations; a constant unit (too few samples, or dead) is 0 against a varying one
         and ``1 - |c_a - c_b| / (|c_a| + |c_b|)`` against another constant one (1 when equal)."""
-        ma, mb = self.sa / self.n, self.sb / self.n
-        var_a, var_b = (self.saa / self.n - ma * ma).clamp_min(0), (self.sbb / self.n - mb * mb).clamp_min(0)
-        live_a, live_b = var_a > 1e-10 * ma * ma + 1e-30, var_b > 1e-10 * mb * mb + 1e-30
+        (ma, var_a, live_a), (mb, var_b, live_b) = self._moments(self.sa, self.saa), self._moments(self.sb, self.sbb)
         cov = self.sab / self.n - ma[:, None] * mb[None, :]
         corr = cov / (var_a.sqrt()[:, None] * var_b.sqrt()[None, :]).clamp_min(1e-30)
         corr = torch.where(live_a[:, None] & live_b[None, :], corr, torch.zeros_like(corr))
@@ -116,12 +120,10 @@ class _Stats:
     def uncertainty(self) -> torch.Tensor:
         """Per unit of A, how far round-off can move its correlations: the rms round-off over
         the unit's spread (its mean, for a constant unit), at most 1; 0 where none was measured."""
-        ma = self.sa / self.n
-        var_a = (self.saa / self.n - ma * ma).clamp_min(0)
+        ma, var_a, live = self._moments(self.sa, self.saa)
         if self.snoise is None:
             return torch.zeros_like(ma)
         noise = (self.snoise / self.n_noise).sqrt()
-        live = var_a > 1e-10 * ma * ma + 1e-30
         scale = torch.where(live, var_a.sqrt(), ma.abs())
         return torch.where(noise > 0, (noise / scale.clamp_min(1e-300)).clamp_max(1.0), torch.zeros_like(noise))
 
