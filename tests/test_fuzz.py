@@ -30,12 +30,22 @@ def test_random_architectures_are_sound_complete_and_matchable(arch):
 
 
 # Seeds of benchmarks/fuzz_large.py kept as regressions (each runs in well under a second).
-SEEDS = [0, 1, 2, 3, 7, 11, 23, 31, 123]
+# 8008: instance norm then global pooling, in train mode an output that is zero up to round-off
+# (its own scale made two equal runs differ by 1.5e-4; relative_difference now measures it
+# against the largest output).
+SEEDS = [0, 1, 2, 3, 7, 11, 23, 31, 123, 8008]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_seeded_architectures(seed):
     check_architecture(random_architecture(seed))
+
+
+def test_round_off_zero_output_is_measured_against_the_others():
+    from autoperm.check import relative_difference
+    big, tiny = torch.ones(3, dtype=torch.float64), torch.full((3,), 1e-16, dtype=torch.float64)
+    assert relative_difference((big, tiny), (big, -tiny)) < 1e-15
+    assert relative_difference((big, tiny * 1e6), (big, -tiny * 1e6)) == pytest.approx(2.0)  # small, not zero: own scale
 
 
 def test_generator_mixes_every_op():
@@ -70,7 +80,10 @@ def test_generator_is_deterministic():
 
 @pytest.mark.parametrize("how", ["cumsum", "sort", "cummax", "flip", "lstm"])
 def test_unsupported_ops_are_pinned_with_a_reason(how):
-    """An op that mixes channels by position pins the channels it sees, and the model stays sound."""
+    """An op that mixes channels by position pins the channels it sees, and the model stays sound.
+
+    The generator's LSTM block dates from before the recurrent rules: an LSTM now couples its input
+    features to ``W_ih`` instead of pinning them (its hidden units form their own group)."""
     from autoperm.testing._arch import Stream
 
     s = Stream("seq", 6, (4,))
@@ -87,8 +100,13 @@ def test_unsupported_ops_are_pinned_with_a_reason(how):
     x = torch.randn(2, 4, 3, dtype=torch.float64)
     autoperm.randomize_(m)
     spec = autoperm.infer_spec(m, x)
-    assert spec.axes["fc1.weight"][0] is None
-    assert [p.reason for p in spec.pinned if p.key == "fc1.weight" and p.axis == 0]
+    if how == "lstm":
+        group = spec.axes["fc1.weight"][0]
+        assert group is not None and spec.axes["op.lstm.weight_ih_l0"][1] == group
+        assert spec.axes["op.lstm.weight_hh_l0"][0] is not None
+    else:
+        assert spec.axes["fc1.weight"][0] is None
+        assert [p.reason for p in spec.pinned if p.key == "fc1.weight" and p.axis == 0]
     assert autoperm.check_invariance(m, spec, x) < 1e-10
 
 

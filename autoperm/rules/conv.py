@@ -1,4 +1,4 @@
-"""Convolutions (1/2/3-d, grouped, depthwise, transposed). Kernel and spatial axes are pinned."""
+"""Convolutions (1/2/3-d, grouped, depthwise, transposed) and im2col/col2im. Kernel and spatial axes are pinned."""
 from __future__ import annotations
 
 from ._registry import builtin_rule
@@ -51,3 +51,34 @@ def conv_transpose(ctx, x, weight, bias=None, stride=1, padding=0, output_paddin
 def convolution(ctx, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, *rest):
     """The generic convolution op: dispatch on ``transposed``."""
     return _conv(ctx, x, weight, bias, groups, transposed=transposed)
+
+
+def _pairs(v):
+    return list(v) * (2 // len(v)) if isinstance(v, (list, tuple)) else [v, v]
+
+
+@builtin_rule("aten.im2col")
+def im2col(ctx, x, kernel_size, dilation, padding, stride):
+    """Unfold patches: out[c*K + k, l] = x[c, pos(k, l)], K = kh*kw. out[c] = x[c] x kernel offsets (pinned);
+    spatial and patch-position axes pinned."""
+    lx = ctx.lay(x)
+    c = len(lx) - 3
+    for a in lx[c + 1:]:
+        ctx.pin(a, "spatial axis of im2col")
+    kh, kw = _pairs(kernel_size)
+    out = ctx.out_shape()
+    k = ctx.fresh(kh * kw, f"kernel offset axis of im2col at {ctx.where}")
+    return lx[:c] + (ctx.prod([lx[c], k]), ctx.fresh(out[-1], f"patch position axis of im2col at {ctx.where}"))
+
+
+@builtin_rule("aten.col2im")
+def col2im(ctx, x, output_size, kernel_size, dilation, padding, stride):
+    """Fold patches back (summing overlaps): x[c*K + k, l] adds into out[c, pos(k, l)]. out[c] ~ the channel
+    factor of x[c]; the kernel-offset factor, patch positions and output spatial axes are pinned."""
+    lx = ctx.lay(x)
+    c = len(lx) - 2
+    kh, kw = _pairs(kernel_size)
+    ch, k = ctx.split_prod(lx[c], [ctx.shape(x)[c] // (kh * kw), kh * kw], "col2im channels")
+    ctx.pin(k, "kernel offset axis of col2im")
+    ctx.pin(lx[c + 1], "patch position axis of col2im")
+    return lx[:c] + (ch,) + ctx.pinned_layout(ctx.out_shape()[c + 1:], "spatial axis of col2im")

@@ -565,7 +565,10 @@ def gen_shared(s: Stream, ch: Chooser) -> Built:
 
 
 class Unsupported(Block):
-    """An op that does not commute with channel permutations: cumsum, sort, cummax, an LSTM."""
+    """An op that does not commute with channel permutations (cumsum, sort, cummax, flip), or an LSTM.
+
+    The LSTM has had a rule since the generator was written (its input features couple to W_ih);
+    it stays here so that seeds keep drawing the same architectures."""
 
     def __init__(self, how, s: Stream, cout: int):
         super().__init__()
