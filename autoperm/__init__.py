@@ -8,6 +8,7 @@
 True
 """
 from ._infer import axis_graph, infer_spec
+from ._load import load_state_
 from ._trace import TraceError
 from .barrier import (
     Curve, Repair, average_states, interpolate_states, interpolation_curve, layerwise_curves, merge_models,
@@ -26,7 +27,7 @@ __all__ = [
     "infer_spec", "axis_graph", "check_invariance", "randomize_", "register_rule", "TraceError",
     "PermutationSpec", "Group", "Member", "Pin",
     "Permutation", "random_permutation", "identity_permutation", "inverse_permutation",
-    "compose_permutations", "apply_permutation", "permute_model_",
+    "compose_permutations", "apply_permutation", "permute_model_", "load_state_",
     "interpolation_curve", "Curve", "interpolate_states", "average_states", "reset_bn_stats", "Repair",
     "layerwise_curves", "merge_models",
     "weight_matching", "activation_matching", "ste_matching",

@@ -5,6 +5,7 @@ import copy
 
 import torch
 
+from ._load import load_state_
 from ._trace import as_tuple
 from .permutation import apply_permutation, random_permutation
 from .spec import PermutationSpec
@@ -116,7 +117,7 @@ def check_invariance(model: torch.nn.Module, spec: PermutationSpec, example_inpu
     for m in (*a.modules(), *b.modules()):
         if isinstance(m, _DROPOUT):  # element-wise random masks are not permutation-equivariant
             m.eval()
-    b.load_state_dict(apply_permutation(spec, random_permutation(spec, seed), a.state_dict()))
+    load_state_(b, apply_permutation(spec, random_permutation(spec, seed), a.state_dict()))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:

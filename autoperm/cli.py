@@ -26,6 +26,8 @@ from typing import Sequence
 
 import torch
 
+from ._load import load_state_
+
 __all__ = ["main", "build_parser"]
 
 EXIT_CHECK_FAILED, EXIT_USAGE = 1, 2
@@ -303,8 +305,8 @@ def _verify(args, rm, b, aligned) -> float:
     from .check import relative_difference
 
     mb, mc = copy.deepcopy(rm.module), copy.deepcopy(rm.module)
-    mb.load_state_dict(b, strict=True)
-    mc.load_state_dict(aligned, strict=True)
+    load_state_(mb, b)
+    load_state_(mc, aligned)
     with torch.no_grad():
         return relative_difference(mb.eval()(*rm.example_inputs), mc.eval()(*rm.example_inputs))
 

@@ -164,9 +164,14 @@ def apply_permutation(spec: PermutationSpec, perm: Permutation, state_dict: Mapp
 
 @torch.no_grad()
 def permute_model_(model: torch.nn.Module, spec: PermutationSpec, perm: Permutation) -> torch.nn.Module:
-    """Apply ``perm`` to ``model``'s parameters and buffers in place; returns the model."""
+    """Apply ``perm`` to ``model``'s parameters and buffers in place; returns the model.
+
+    Caches a module computed from its old weights (timm's LeViT attention biases) are dropped.
+    """
+    from ._load import drop_weight_caches_
+
     sd = model.state_dict()
     new = apply_permutation(spec, perm, sd)
     for k in spec.axes:
         sd[k].copy_(new[k])
-    return model
+    return drop_weight_caches_(model)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._load import load_state_
 from ._state import interpolate_states
 from .metrics import BARRIER_KINDS, barrier_height, default_lambdas
 from .norm import Repair, as_reiterable, reset_bn_stats
@@ -131,7 +132,7 @@ def interpolation_curve(model: nn.Module, state_a: Mapping[str, torch.Tensor], s
         repair = Repair(work, state_a, state_b, repair)
     rows: list[dict] = []
     for t in lam:
-        work.load_state_dict(interpolate_states(state_a, state_b, float(t), keys))
+        load_state_(work, interpolate_states(state_a, state_b, float(t), keys))
         if reset_bn is not None:
             reset_bn_stats(work, reset_bn)
         if repair is not None:

@@ -21,6 +21,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .._load import load_state_
+
 __all__ = ["reset_bn_stats", "has_batchnorm", "Repair", "repair_points", "as_reiterable"]
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -221,9 +223,9 @@ class Repair:
                 raise ValueError(f"REPAIR cannot rescale {n!r}: it needs a module with a per-channel weight and bias")
         self.modules = list(modules)
         self.eps = eps
-        work.load_state_dict(state_a)
+        load_state_(work, state_a)
         self.stats_a = _measure(work, self.modules, self.batches)
-        work.load_state_dict(state_b)
+        load_state_(work, state_b)
         self.stats_b = _measure(work, self.modules, self.batches)
 
     def goal(self, lam: float) -> dict:

@@ -1,7 +1,6 @@
 """Activation matching: align hidden units by the correlation of their activations on data."""
 from __future__ import annotations
 
-import copy
 from typing import Iterable
 
 import numpy as np
@@ -9,6 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._float64 import float64_inputs, float64_model, is_float64
 from ..barrier.norm import _input as batch_input
 from ..permutation import Permutation
 from ..spec import PermutationSpec, walk_groups
@@ -157,17 +157,6 @@ def _tied(cost: np.ndarray, p: np.ndarray, rtol: float = 1e-9, unc: np.ndarray |
     return bool(gain.min() <= rtol * max(1.0, float(np.abs(cost).max())))
 
 
-def _float64_copy(model: nn.Module) -> nn.Module | None:
-    """A float64 copy of ``model`` in eval mode; None where its tensors already are float64."""
-    if all(t.dtype == torch.float64 for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()):
-        return None
-    return copy.deepcopy(model).double().eval()
-
-
-def _float64(args: tuple) -> tuple:
-    return tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-
-
 @torch.no_grad()
 def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batches: Iterable, *,
                         progress: bool | None = None, seed: int = 0) -> Permutation:
@@ -214,7 +203,7 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
     sites = activation_sites(spec, model_a)
     stats = {name: _Stats() for name in sites}
     captured: dict = {}
-    ref = _float64_copy(model_a)  # made before the hooks, which a copy would carry
+    ref = None if is_float64(model_a) else float64_model(model_a).eval()  # made before the hooks, which a copy would carry
     modules_a, modules_b = dict(model_a.named_modules()), dict(model_b.named_modules())
 
     def hook(which, name):
@@ -242,7 +231,7 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
             model_b(*args)
             if ref is not None:  # round-off of A on the first batch, against a float64 run
                 try:
-                    ref(*_float64(args))
+                    ref(*float64_inputs(args))
                 except Exception:  # noqa: BLE001 - a model that cannot run in float64: no estimate
                     for name in sites:
                         captured.pop(("r", name), None)

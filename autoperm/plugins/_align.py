@@ -10,6 +10,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .._load import load_state_
 from ..permutation import Permutation, apply_permutation, identity_permutation
 from ..spec import PermutationSpec
 
@@ -38,7 +39,7 @@ def cross_entropy_last_axis(logits: torch.Tensor, target: torch.Tensor) -> torch
 
 def _with_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
     m = copy.deepcopy(model)
-    m.load_state_dict(state, strict=True)
+    load_state_(m, state)
     return m.eval()
 
 

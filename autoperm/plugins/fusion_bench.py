@@ -37,6 +37,7 @@ except ImportError as e:  # pragma: no cover - exercised only without fusion_ben
     raise ImportError("autoperm.plugins.fusion_bench needs fusion_bench: pip install fusion-bench") from e
 
 from .. import infer_spec
+from .._load import load_state_
 from ..models import random_inputs, random_like
 from ._align import align_states
 from ._hf import hf_example_inputs, is_hf_model, prepare_for_trace
@@ -97,7 +98,7 @@ class AutopermAlignment(BaseAlgorithm):
         out = {}
         for name, model, state in zip(names, models, aligned, strict=True):
             m = copy.deepcopy(model)
-            m.load_state_dict(state, strict=True)
+            load_state_(m, state)
             out[name] = m
         for name in modelpool.all_model_names:
             if name not in out:  # _pretrained_ and friends, unchanged

@@ -84,10 +84,10 @@ for _k in (1, 2, 3):
         f"aten.max_pool{_k}d", f"aten.avg_pool{_k}d", f"aten.adaptive_avg_pool{_k}d", f"aten.adaptive_max_pool{_k}d",
         f"aten.max_pool{_k}d_with_indices", f"aten._adaptive_avg_pool{_k}d", f"aten.lp_pool{_k}d",
         f"aten.upsample_nearest{_k}d", f"aten._upsample_nearest_exact{_k}d",
-        *([f"aten.upsample_linear1d"] if _k == 1 else []),
-        *([f"aten.upsample_bilinear2d", "aten.upsample_bicubic2d", "aten._upsample_bilinear2d_aa",
+        *(["aten.upsample_linear1d"] if _k == 1 else []),
+        *(["aten.upsample_bilinear2d", "aten.upsample_bicubic2d", "aten._upsample_bilinear2d_aa",
            "aten._upsample_bicubic2d_aa", "aten.pixel_shuffle_spatial_only"] if _k == 2 else []),
-        *([f"aten.upsample_trilinear3d"] if _k == 3 else []),
+        *(["aten.upsample_trilinear3d"] if _k == 3 else []),
     )(_spatial(_k))
 
 

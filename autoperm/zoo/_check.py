@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .._float64 import float64_inputs, float64_model
+from .._load import load_state_
 from .._trace import TraceError
 from .._infer import infer_spec
 from ..check import check_invariance, randomize_
@@ -152,7 +154,7 @@ def planted_activation_matching(spec: PermutationSpec, model: torch.nn.Module, x
 
     state = model.state_dict()
     b = copy.deepcopy(model)
-    b.load_state_dict(apply_permutation(spec, random_permutation(spec, seed), state))
+    load_state_(b, apply_permutation(spec, random_permutation(spec, seed), state))
     found = activation_matching(spec, model, b, [x], progress=False)
     return _compare(apply_permutation(spec, found, b.state_dict()), state)
 
@@ -200,11 +202,7 @@ def float64_errors(model: torch.nn.Module, spec: PermutationSpec, x, seed: int =
     tolerance; in float64 a sound spec stays near 1e-12 while a wrong permutation still changes
     the outputs by order one, so this tells round-off from a wrong spec.
     """
-    import copy
-
-    m64 = copy.deepcopy(model).double()
-    x64 = tuple(t.double() if t.is_floating_point() else t for t in x) if isinstance(x, tuple) else x.double()
-    return invariance_errors(m64, spec, x64, seed)
+    return invariance_errors(float64_model(model), spec, float64_inputs(x), seed)
 
 
 def invariance_holds(model, spec: PermutationSpec, x, errors, tol: float = TOLERANCE,

@@ -1,0 +1,61 @@
+"""Loading a new state dict drops caches computed from the old weights (timm's LeViT attention biases)."""
+import torch
+from torch import nn
+
+import autoperm
+
+
+class _CachedScale(nn.Module):
+    """Like LeViT's attention: an eval-mode forward caches a value derived from a parameter; train() clears it."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(n) + 0.5)
+        self.cache = {}
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.cache = {}
+        return self
+
+    def forward(self, x):
+        if self.training:
+            return x * self.scale
+        if "s" not in self.cache:
+            self.cache["s"] = self.scale * 1.0
+        return x * self.cache["s"]
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 6), _CachedScale(6), nn.ReLU(), nn.Linear(6, 2)).eval()
+
+
+def test_invariance_check_is_not_fooled_by_a_stale_cache():
+    net, x = _net(), torch.randn(4, 3)
+    spec = autoperm.infer_spec(net, x)
+    with torch.no_grad():
+        net(x)  # fills the cache, as a first evaluation does
+    assert spec.axes["1.scale"][0] is not None
+    assert autoperm.check_invariance(net, spec, x) < 1e-6
+
+
+def test_interpolation_curve_uses_each_interpolated_state():
+    net, x = _net(), torch.randn(4, 3)
+    with torch.no_grad():
+        net(x)
+    a = {k: v.clone() for k, v in net.state_dict().items()}
+    b = {k: v * 2 for k, v in a.items()}
+    curve = autoperm.interpolation_curve(net, a, b, lambda m: float(m(x).abs().sum()), lambdas=[0, 1])
+    ref = _net()
+    ref.load_state_dict(b)
+    assert abs(curve.loss[-1] - float(ref(x).abs().sum())) < 1e-5
+
+
+def test_permute_model_in_place_drops_the_cache():
+    net, x = _net(), torch.randn(4, 3)
+    spec = autoperm.infer_spec(net, x)
+    with torch.no_grad():
+        y = net(x)
+        autoperm.permute_model_(net, spec, autoperm.random_permutation(spec, seed=1))
+        assert torch.allclose(net(x), y, atol=1e-6)
