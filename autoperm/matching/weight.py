@@ -100,8 +100,9 @@ def descend_groups(spec, state_a, state_b, init, only, *, max_iter=100, seed=0, 
     for restart in range(restarts):
         costs = CostCache(spec, state_a, state_b, dtype, _kept(spec, layout, state_a, dtype, budget))
         rng = random.Random(f"{seed}:{restart}")
-        perm = _seed(spec, layout, unknown, costs, dict(start), rng)
-        perm = _descend(spec, layout, groups, costs, perm, rng, max_iter, bar, restart, stats if stats is not None else {})
+        perm, solved = _seed(spec, layout, unknown, costs, dict(start), rng)
+        perm = _descend(spec, layout, groups, costs, perm, rng, max_iter, bar, restart,
+                        stats if stats is not None else {}, solved)
         obj = objective(spec, state_a, state_b, perm) if restarts > 1 else 0.0
         if best is None or obj > best_obj:
             best, best_obj = perm, obj
@@ -132,8 +133,9 @@ def _kept(spec, layout: Layout, state_a, dtype, budget: float) -> list:
     return keep
 
 
-def _seed(spec, layout: Layout, unknown: set, costs, perm, rng) -> dict:
-    """Starting values for the ``unknown`` groups, from the places whose other groups are known.
+def _seed(spec, layout: Layout, unknown: set, costs, perm, rng) -> tuple[dict, set]:
+    """Starting values for the ``unknown`` groups, from the places whose other groups are known,
+    and the groups among them solved exactly as the descent would (all their units, a plain step).
 
     A cost term through a group still at its placeholder is noise that can outweigh the true
     signal (an identity-initialised weight under a wrong permutation of its other axis pulls the
@@ -142,6 +144,7 @@ def _seed(spec, layout: Layout, unknown: set, costs, perm, rng) -> dict:
     among equals); it then counts as known. Groups never reached (say, heads × head dim, which
     only occur together) keep their placeholder; coordinate descent takes it from there."""
     known = set(spec.group_sizes) - unknown
+    solved = set()
     pending = sorted(unknown)
     rng.shuffle(pending)
     users: dict = {}
@@ -162,18 +165,24 @@ def _seed(spec, layout: Layout, unknown: set, costs, perm, rng) -> dict:
         ready = [u for u in layout.units[g] if u.deps <= known]
         cost = costs.cost(None, ready, perm).detach().to("cpu", torch.float64).numpy()
         perm[g] = torch.from_numpy(solve_numpy(cost)).to(perm[g].device)
+        if len(ready) == len(layout.units[g]) and g not in layout.pairs:
+            solved.add(g)  # the descent's own step, on the final values of its dependencies
         known.add(g)
         pending.remove(g)
         for h in users.get(g, ()):
             if h not in known:
                 weigh(h)
-    return perm
+    return perm, solved
 
 
-def _descend(spec, layout: Layout, groups, costs, perm, rng, max_iter, bar, restart, stats: dict) -> dict:
-    """One run of coordinate descent from ``perm``; returns the final permutation."""
+def _descend(spec, layout: Layout, groups, costs, perm, rng, max_iter, bar, restart, stats: dict,
+             solved=()) -> dict:
+    """One run of coordinate descent from ``perm``; returns the final permutation.
+
+    Groups in ``solved`` already hold the best answer to their current cost (the seed pass solved
+    them on all their units): they are solved again only once a dependency moves."""
     version = dict.fromkeys(spec.group_sizes, 0)
-    solved_at: dict = {}
+    solved_at: dict = {g: tuple(0 for _ in layout.deps[g]) for g in solved}
     stats.setdefault("sweeps", []).append(0)
     for _ in range(max_iter):
         stats["sweeps"][-1] += 1
