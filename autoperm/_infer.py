@@ -191,7 +191,10 @@ def _run(tm: TracedModel) -> Context:
                 why = {"param": "integer parameter", "buffer": "integer buffer", "input": "model input",
                        "nonpersistent": "non-persistent buffer (not in the state dict)",
                        "constant": "constant tensor"}[kind]
-                ctx.layouts[node] = ctx.pinned_layout(shp, why)
+                # an axis the tensor is the same along is unchanged by any permutation: free, not pinned
+                uniform = tm.uniform_axes.get(node.name, (False,) * len(shp))
+                ctx.layouts[node] = tuple(ctx.fresh(n) if same else ctx.fresh(n, f"{why} at {ctx.where}")
+                                          for n, same in zip(shp, uniform))
             key = tm.placeholder_key.get(node.name)
             for other in tm.aliases.get(key, ()):  # tied weights: one tensor, one layout
                 if other in seen and ctx.layouts[node] is not None:

@@ -7,7 +7,7 @@ opaque leaf module (see docs/design.md).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.export.graph_signature import InputKind
@@ -27,6 +27,9 @@ class TracedModel:
     placeholder_key: dict[str, str]  # placeholder name -> state-dict key (params, persistent buffers)
     placeholder_kind: dict[str, str]  # placeholder name -> "param" | "buffer" | "nonpersistent" | "constant" | "input"
     aliases: dict[str, list[str]]  # state-dict key -> other keys holding the same tensor (tied weights)
+    # placeholder name -> per axis, whether the tensor is the same along it (non-persistent buffers and
+    # constants, whose values are known here: any permutation of such an axis leaves them unchanged)
+    uniform_axes: dict[str, tuple[bool, ...]] = field(default_factory=dict)
 
 
 def as_tuple(example_inputs) -> tuple:
@@ -61,7 +64,21 @@ def trace(model: torch.nn.Module, example_inputs) -> TracedModel:
             kind[name] = "constant"
         else:
             kind[name] = "input"
-    return TracedModel(ep.graph_module.graph, key, kind, _aliases(model))
+    uniform = {name: uniform_axes(ep.constants[spec.target]) for spec in ep.graph_signature.input_specs
+               if kind.get(spec.arg.name) in ("nonpersistent", "constant")
+               and isinstance(ep.constants.get(spec.target), torch.Tensor) for name in [spec.arg.name]}
+    return TracedModel(ep.graph_module.graph, key, kind, _aliases(model), uniform)
+
+
+def uniform_axes(t: torch.Tensor) -> tuple[bool, ...]:
+    """Per axis of ``t``, whether every slice along it is the same (a zero bias, a constant mask).
+
+    >>> uniform_axes(torch.zeros(2, 3)), uniform_axes(torch.eye(2))
+    ((True, True), (False, False))
+    """
+    if t.is_meta or t.numel() == 0:
+        return (False,) * t.dim()
+    return tuple(bool(torch.equal(t, t.narrow(a, 0, 1).expand_as(t))) for a in range(t.dim()))
 
 
 def _aliases(model: torch.nn.Module) -> dict[str, list[str]]:

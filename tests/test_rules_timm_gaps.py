@@ -181,3 +181,37 @@ def test_reshape_of_a_concatenation_that_does_not_factor_pins():
     assert spec.axes["a.weight"][0] is None and spec.axes["b.weight"][0] is None
     assert any("cannot factor 12 as [3, 4]" in p.reason for p in spec.pinned)
     assert err < TOL
+
+
+class _ZeroKeyBias(nn.Module):
+    """BEiT-style qkv bias: cat(q_bias, k_bias, v_bias) with k_bias a zero non-persistent buffer; and a
+    non-persistent buffer that varies along the channels (must pin them)."""
+
+    def __init__(self, varying):
+        super().__init__()
+        self.varying = varying
+        self.qkv, self.proj = nn.Linear(8, 24, bias=False), nn.Linear(8, 3)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(8))
+        self.register_buffer("k_bias", torch.zeros(8), persistent=False)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 8), persistent=False)
+
+    def forward(self, x):  # x: (N, T, 8), 2 heads of 4
+        n, t, _ = x.shape
+        qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.reshape(n, t, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, 8)
+        return self.proj(out * self.scale if self.varying else out)
+
+
+def test_uniform_non_persistent_buffer_does_not_pin_heads():
+    spec, err = spec_and_error(_ZeroKeyBias(varying=False), torch.randn(2, 5, 8))
+    assert err < TOL
+    pinned = {(p.key, p.axis) for p in spec.pinned}
+    assert ("qkv.weight", 0) not in pinned and ("q_bias", 0) not in pinned  # the zero k_bias pins nothing
+    assert any(m.key == "q_bias" for g in spec.groups for m in g.members)
+
+
+def test_varying_non_persistent_buffer_still_pins():
+    spec, err = spec_and_error(_ZeroKeyBias(varying=True), torch.randn(2, 5, 8))
+    assert err < TOL
+    assert any(p.key == "proj.weight" and p.axis == 1 and "non-persistent" in p.reason for p in spec.pinned)
