@@ -215,3 +215,42 @@ def test_varying_non_persistent_buffer_still_pins():
     spec, err = spec_and_error(_ZeroKeyBias(varying=True), torch.randn(2, 5, 8))
     assert err < TOL
     assert any(p.key == "proj.weight" and p.axis == 1 and "non-persistent" in p.reason for p in spec.pinned)
+
+
+class _StageAggregate(nn.Module):
+    """CoaT's head: three stage features stacked to (N, 3, C), a Conv1d(3 -> 1, kernel 1) mixing the stages;
+    the conv's length axis is the channel stream, position-wise under a 1-wide kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.ModuleList(nn.Linear(4, 6) for _ in range(3))
+        self.aggregate, self.head = nn.Conv1d(3, 1, kernel_size=1), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.stack([torch.relu(f(x)) for f in self.f], dim=1)  # (N, 3, 6)
+        return self.head(self.aggregate(h).squeeze(1))
+
+
+def test_one_wide_convolution_passes_its_length_axis_through():
+    spec, err = spec_and_error(_StageAggregate(), torch.randn(2, 4))
+    assert err < TOL
+    assert tied_sets(spec) == {frozenset({("f.0.weight", 0), ("f.0.bias", 0), ("f.1.weight", 0), ("f.1.bias", 0),
+                                          ("f.2.weight", 0), ("f.2.bias", 0), ("head.weight", 1)})}
+
+
+@pytest.mark.parametrize("kw", [{"kernel_size": 3, "padding": 1}, {"kernel_size": 1, "stride": 2},
+                                {"kernel_size": 1, "padding": 1}])
+def test_convolution_that_moves_positions_still_pins(kw):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            out = (6 + 2 * kw.get("padding", 0) - kw["kernel_size"]) // kw.get("stride", 1) + 1
+            self.a, self.conv, self.b = nn.Linear(4, 6), nn.Conv1d(2, 2, **kw), nn.Linear(out, 2)
+
+        def forward(self, x):
+            h = torch.stack([self.a(x), self.a(-x)], 1)
+            return self.b(self.conv(h)).sum(1)
+
+    spec, err = spec_and_error(M(), torch.randn(2, 4))
+    assert err < TOL
+    assert spec.axes["a.weight"][0] is None

@@ -4,14 +4,28 @@ from __future__ import annotations
 from ._registry import builtin_rule
 
 
-def _conv(ctx, x, weight, bias, groups, transposed):
+def _nth(v, i: int):
+    return v[i] if isinstance(v, (list, tuple)) and len(v) > 1 else (v[0] if isinstance(v, (list, tuple)) else v)
+
+
+def _pointwise(sw, i, stride, padding, output_padding) -> bool:
+    """Spatial axis ``i`` maps position p to position p alone: kernel 1, stride 1, no padding."""
+    pad = 0 if isinstance(padding, str) else _nth(padding, i)
+    return sw[2 + i] == 1 and _nth(stride, i) == 1 and pad == 0 and _nth(output_padding, i) == 0
+
+
+def _conv(ctx, x, weight, bias, groups, transposed, stride=1, padding=0, output_padding=0):
     lx, lw, sw = ctx.lay(x), ctx.lay(weight), ctx.shape(weight)
     k = len(sw) - 2
     c = len(lx) - k - 1  # channel axis (1 when batched, 0 when not)
     for a in lw[2:]:
         ctx.pin(a, "convolution kernel axis")
-    for a in lx[c + 1:]:
-        ctx.pin(a, "spatial axis of a convolution")
+    # a 1-wide kernel with stride 1 and no padding is position-wise along that axis (CoaT's aggregate head
+    # runs a Conv1d over [stages, channels]): the axis passes through; otherwise positions mix: pinned
+    through = [_pointwise(sw, i, stride, padding, output_padding) for i in range(k)]
+    for a, keep in zip(lx[c + 1:], through):
+        if not keep:
+            ctx.pin(a, "spatial axis of a convolution")
     w_in, w_out = (lw[0], lw[1]) if transposed else (lw[1], lw[0])
     if groups == 1:
         ctx.union(lx[c], w_in)
@@ -32,25 +46,29 @@ def _conv(ctx, x, weight, bias, groups, transposed):
     if ctx.lay(bias) is not None:
         ctx.union(ctx.lay(bias)[0], out_c)
     out_shape = ctx.out_shape()
-    return lx[:c] + (out_c,) + ctx.pinned_layout(out_shape[c + 1:], "spatial axis of a convolution")
+    spatial = tuple(lx[c + 1 + i] if keep else ctx.fresh(n, f"spatial axis of a convolution at {ctx.where}")
+                    for i, (n, keep) in enumerate(zip(out_shape[c + 1:], through)))
+    return lx[:c] + (out_c,) + spatial
 
 
 @builtin_rule("aten.conv1d", "aten.conv2d", "aten.conv3d")
 def conv(ctx, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """y[o] = sum_i W[o, i] * x[i]: x[c] ~ W[1], y[c] ~ W[0] ~ b; groups tie block indices."""
-    return _conv(ctx, x, weight, bias, groups, transposed=False)
+    return _conv(ctx, x, weight, bias, groups, transposed=False, stride=stride, padding=padding)
 
 
 @builtin_rule("aten.conv_transpose1d", "aten.conv_transpose2d", "aten.conv_transpose3d")
 def conv_transpose(ctx, x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
     """Transposed conv, W is (in, out/groups, k...): x[c] ~ W[0], y[c] ~ W[1] ~ b."""
-    return _conv(ctx, x, weight, bias, groups, transposed=True)
+    return _conv(ctx, x, weight, bias, groups, transposed=True, stride=stride, padding=padding,
+                 output_padding=output_padding)
 
 
 @builtin_rule("aten.convolution", "aten._convolution")
 def convolution(ctx, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, *rest):
     """The generic convolution op: dispatch on ``transposed``."""
-    return _conv(ctx, x, weight, bias, groups, transposed=transposed)
+    return _conv(ctx, x, weight, bias, groups, transposed=transposed, stride=stride, padding=padding,
+                 output_padding=output_padding if transposed else 0)
 
 
 def _pairs(v):
