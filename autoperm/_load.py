@@ -5,7 +5,7 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["load_state_", "drop_weight_caches_"]
+__all__ = ["load_state_", "drop_weight_caches_", "keep_metadata"]
 
 
 def load_state_(module: torch.nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True) -> torch.nn.Module:
@@ -26,6 +26,27 @@ def load_state_(module: torch.nn.Module, state: Mapping[str, torch.Tensor], stri
     """
     module.load_state_dict(state, strict=strict)
     return drop_weight_caches_(module)
+
+
+def keep_metadata(out: dict, like: Mapping) -> dict:
+    """``out`` carrying ``like``'s ``_metadata`` (module versions) when it has one.
+
+    ``Module.state_dict()`` records each module's version there, and some modules need it to load
+    (torchvision's MNASNet refuses a state dict without it), so a new state dict made from one
+    keeps it.
+
+    >>> sd = torch.nn.Linear(1, 1).state_dict()
+    >>> keep_metadata({k: v * 2 for k, v in sd.items()}, sd)._metadata == sd._metadata
+    True
+    """
+    meta = getattr(like, "_metadata", None)
+    if meta is None:
+        return out
+    from collections import OrderedDict
+
+    out = OrderedDict(out)
+    out._metadata = type(meta)(meta)
+    return out
 
 
 def drop_weight_caches_(module: torch.nn.Module) -> torch.nn.Module:

@@ -1,9 +1,11 @@
 """The invariance self-check: permute every group at random and compare outputs."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
+import torch.nn.functional as F
 
 from ._load import load_state_
 from ._trace import as_tuple
@@ -87,6 +89,22 @@ def relative_difference(a, b) -> float:
     return worst
 
 
+@contextlib.contextmanager
+def _without_functional_dropout():
+    """``F.dropout`` and its kin as the identity: element-wise random masks (GoogLeNet's and
+    Inception-v3's auxiliary heads call ``F.dropout`` in train mode) would differ between two
+    runs whose channels are permuted, however sound the permutation."""
+    names = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
+    saved = {n: getattr(F, n) for n in names if hasattr(F, n)}
+    try:
+        for n in saved:
+            setattr(F, n, lambda x, *args, **kwargs: x)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(F, n, fn)
+
+
 @torch.no_grad()
 def check_invariance(model: torch.nn.Module, spec: PermutationSpec, example_inputs, seed: int = 0) -> float:
     """The largest relative output difference after a random permutation of every group.
@@ -118,7 +136,7 @@ def check_invariance(model: torch.nn.Module, spec: PermutationSpec, example_inpu
         if isinstance(m, _DROPOUT):  # element-wise random masks are not permutation-equivariant
             m.eval()
     load_state_(b, apply_permutation(spec, random_permutation(spec, seed), a.state_dict()))
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _without_functional_dropout():
         torch.manual_seed(seed)
         try:
             ya = a(*args)
@@ -126,7 +144,7 @@ def check_invariance(model: torch.nn.Module, spec: PermutationSpec, example_inpu
             shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in args]
             raise ValueError(f"{type(model).__name__} fails on example inputs of shapes {shapes}: "
                              f"{type(e).__name__}: {e}") from e
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _without_functional_dropout():
         torch.manual_seed(seed)
         yb = b(*args)
     bad = [i for i, t in enumerate(_tensors(ya)) if t.is_floating_point() and bool(torch.isnan(t).any())]

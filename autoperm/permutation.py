@@ -9,6 +9,7 @@ from typing import Mapping
 
 import torch
 
+from ._load import keep_metadata
 from .spec import PermutationSpec
 
 __all__ = [
@@ -159,7 +160,7 @@ def apply_permutation(spec: PermutationSpec, perm: Permutation, state_dict: Mapp
                 raise ValueError(f"{key!r} axis {axis} has size {t.shape[axis]}, the spec expects {len(idx)}")
             t = t.index_select(axis, idx.to(t.device))
         out[key] = t
-    return out
+    return keep_metadata(out, state_dict)
 
 
 @torch.no_grad()

@@ -59,3 +59,40 @@ def test_permute_model_in_place_drops_the_cache():
         y = net(x)
         autoperm.permute_model_(net, spec, autoperm.random_permutation(spec, seed=1))
         assert torch.allclose(net(x), y, atol=1e-6)
+
+
+class _Versioned(nn.Linear):
+    """Like torchvision's MNASNet: loading needs the module version that state_dict() records."""
+
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        assert local_metadata.get("version") == 2, "version should be set to 2"
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_new_state_dicts_keep_the_module_versions():
+    net = nn.Sequential(_Versioned(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    spec = autoperm.infer_spec(net, torch.randn(2, 3))
+    sd = net.state_dict()
+    for new in (autoperm.apply_permutation(spec, autoperm.random_permutation(spec, seed=0), sd),
+                autoperm.interpolate_states(sd, sd, 0.5), autoperm.average_states([sd, sd])):
+        nn.Sequential(_Versioned(3, 4), nn.ReLU(), nn.Linear(4, 2)).load_state_dict(new)
+
+
+class _FunctionalDropout(nn.Module):
+    """GoogLeNet's auxiliary heads: F.dropout called in train mode, outside any nn.Dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.dropout(torch.relu(self.a(x)), 0.5, training=self.training))
+
+
+def test_train_mode_check_ignores_functional_dropout():
+    net, x = _FunctionalDropout(), torch.randn(4, 3)
+    spec = autoperm.infer_spec(net.eval(), x)
+    assert autoperm.check_invariance(net.train(), spec, x) < 1e-6
+    assert torch.nn.functional.dropout(torch.ones(1000), 0.5).eq(0).any()  # restored afterwards

@@ -10,6 +10,8 @@ from typing import Collection, Mapping, Sequence
 
 import torch
 
+from .._load import keep_metadata
+
 __all__ = ["interpolate_states", "average_states", "is_interpolable", "check_same_keys"]
 
 
@@ -55,7 +57,7 @@ def interpolate_states(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str
         if a.shape != b.shape:
             raise ValueError(f"{k!r}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
         out[k] = torch.lerp(a, b.to(device=a.device, dtype=a.dtype), float(lam))
-    return out
+    return keep_metadata(out, state_a)
 
 
 def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None) -> dict:
@@ -79,4 +81,4 @@ def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
         for wi, s in zip(w, states):
             acc += wi * s[k].to(device=first.device, dtype=acc.dtype)
         out[k] = acc.to(first.dtype)
-    return out
+    return keep_metadata(out, states[0])

@@ -104,10 +104,11 @@ def all_timm_models() -> list[ZooEntry]:
 
 
 def torchvision_models() -> list[ZooEntry]:
-    """torchvision's classification models as ``torchvision.models:NAME`` factories on 224×224 inputs."""
+    """torchvision's classification models as ``torchvision.models:NAME`` factories on 224×224 inputs (Inception-v3 299)."""
     import torchvision
 
-    return [ZooEntry(f"torchvision.models:{n}", "torchvision", (3, 224, 224))
+    size = {"inception_v3": 299}  # its auxiliary head (train mode) needs 299x299
+    return [ZooEntry(f"torchvision.models:{n}", "torchvision", (3, size.get(n, 224), size.get(n, 224)))
             for n in torchvision.models.list_models(module=torchvision.models)]
 
 
