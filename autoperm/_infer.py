@@ -8,6 +8,7 @@ left free at the end, as they appear in state-dict tensors, are the groups.
 from __future__ import annotations
 
 import operator
+import warnings
 from typing import Any, Sequence
 
 import networkx as nx
@@ -22,6 +23,7 @@ from .spec import PermutationSpec, Pin
 __all__ = ["infer_spec", "Context", "axis_graph"]
 
 Layout = tuple  # tuple[int, ...]: one atom per axis
+UNUSED = "not used by the traced graph"
 
 
 class Stacked:
@@ -184,7 +186,7 @@ def _run(tm: TracedModel) -> Context:
             kind = tm.placeholder_kind.get(node.name, "input")
             floating = node.meta["val"].is_floating_point()
             if kind in ("param", "buffer") and floating and not _used(tm, node):
-                ctx.layouts[node] = ctx.pinned_layout(shp, "not used by the traced graph")
+                ctx.layouts[node] = ctx.pinned_layout(shp, UNUSED)
             elif kind in ("param", "buffer") and floating:
                 ctx.layouts[node] = ctx.fresh_layout(shp)
             else:
@@ -318,7 +320,14 @@ def infer_spec(model: torch.nn.Module, example_inputs) -> PermutationSpec:
     finally:
         model.train(was_training)
     ctx = _run(tm)
-    return _build_spec(ctx, tm, model)
+    spec = _build_spec(ctx, tm, model)
+    unused = sorted({p.key for p in spec.pinned if p.reason.startswith(UNUSED)} & {k for k, _ in model.named_parameters()})
+    if unused:
+        mode, other = ("train", "eval") if was_training else ("eval", "train")
+        warnings.warn(f"{len(unused)} parameters are not used by the graph traced in {mode} mode ({', '.join(unused[:3])}"
+                      f"{' ...' if len(unused) > 3 else ''}): modules that run only in {other} mode (auxiliary heads) "
+                      f"may read permuted channels; the spec is exact for {mode} mode", stacklevel=2)
+    return spec
 
 
 def _build_spec(ctx: Context, tm: TracedModel, model: torch.nn.Module) -> PermutationSpec:
@@ -363,7 +372,7 @@ def _build_spec(ctx: Context, tm: TracedModel, model: torch.nn.Module) -> Permut
         lay = by_key.get(key)
         if lay is None or not t.is_floating_point():
             if t.dim() and t.is_floating_point():
-                pinned.extend(Pin(key, i, s, "not used by the traced graph") for i, s in enumerate(t.shape) if s > 1)
+                pinned.extend(Pin(key, i, s, UNUSED) for i, s in enumerate(t.shape) if s > 1)
             continue
         axes[key] = [expr(a, f"{key}:{i}") for i, a in enumerate(lay)]
         for i, a in enumerate(lay):

@@ -96,3 +96,20 @@ def test_train_mode_check_ignores_functional_dropout():
     spec = autoperm.infer_spec(net.eval(), x)
     assert autoperm.check_invariance(net.train(), spec, x) < 1e-6
     assert torch.nn.functional.dropout(torch.ones(1000), 0.5).eq(0).any()  # restored afterwards
+
+
+def test_train_only_modules_are_warned_about():
+    """An auxiliary head that runs only in train mode is not in the eval graph: infer_spec says so."""
+    import pytest
+
+    class Aux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.aux = nn.Linear(3, 6), nn.Linear(6, 2), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return (self.b(h), self.aux(h)) if self.training else self.b(h)
+
+    with pytest.warns(UserWarning, match="not used by the graph traced in eval mode .*aux.bias"):
+        autoperm.infer_spec(Aux().eval(), torch.randn(2, 3))

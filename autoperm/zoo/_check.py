@@ -279,7 +279,12 @@ def invariance_reason(model, spec: PermutationSpec, x, errors, tol: float = TOLE
     finally:
         model.eval()
     worst = max(e for e in errors if e is not None)
-    return (f"outputs change by {worst:.2g} ({mode})" +
+    params = {k for k, _ in model.named_parameters()}
+    unused = sorted({p.key for p in spec.pinned if p.reason.startswith("not used by the traced graph")} & params)
+    why = (f"; {len(unused)} parameters unused by the eval-mode graph ({', '.join(unused[:2])} ...) run in train mode: "
+           "the spec is inferred from eval mode, and train-only modules read permuted channels"
+           if unused and mode == "train" else "")
+    return (f"outputs change by {worst:.2g} ({mode})" + why +
             ("; groups that change them alone: " + "; ".join(_describe_group(spec, g) for g in bad) if bad else ""))
 
 
