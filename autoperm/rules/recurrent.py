@@ -8,15 +8,14 @@ factor is pinned, the hidden factor is the layer's hidden units. A layer's outpu
 """
 from __future__ import annotations
 
-from ._registry import builtin_rule
-
-_CONSTANT = {"zeros", "zeros_like", "new_zeros", "full", "full_like", "new_full", "ones", "ones_like", "new_ones"}
+from ._registry import builtin_rule, get_rule
+from .creation import constant as _constant_rule
 
 
 def _constant(node) -> bool:
-    """A state created as a constant is unchanged by any permutation: it couples nothing."""
-    packet = getattr(getattr(node, "target", None), "overloadpacket", None)
-    return getattr(packet, "__name__", None) in _CONSTANT
+    """A state made by a constant factory (the creation rules' own list) is unchanged by any permutation."""
+    target = getattr(node, "target", None)
+    return target is not None and get_rule(target) is _constant_rule
 
 
 def _recurrent(ctx, kind, gates, x, states, params, has_biases, num_layers, bidirectional, batch_first):
