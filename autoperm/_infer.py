@@ -16,7 +16,7 @@ import torch
 from torch.fx import Node
 
 from ._atoms import AtomTable
-from ._trace import TracedModel, trace
+from ._trace import TraceError, TracedModel, trace
 from .rules import get_rule
 from .spec import PermutationSpec, Pin
 
@@ -174,9 +174,21 @@ def _default_rule(ctx: Context, node: Node, why: str):
     return ctx.pinned_layout(shp, why) if shp is not None else None
 
 
-def _run(tm: TracedModel) -> Context:
+def _run(*tms: TracedModel) -> Context:
+    """Analyse one or more graphs of the same model (traced in different modes) on one atom table.
+
+    A state-dict tensor has one layout across all graphs, so a coupling or pin found in any mode
+    holds in every mode; a tensor no graph reads is pinned as unused.
+    """
     ctx = Context(AtomTable())
-    seen: dict[str, Node] = {}
+    used = set().union(*(_used_keys(tm) for tm in tms))
+    by_key: dict[str, Layout] = {}
+    for tm in tms:
+        _run_graph(ctx, tm, used, by_key)
+    return ctx
+
+
+def _run_graph(ctx: Context, tm: TracedModel, used: set, by_key: dict) -> None:
     for node in tm.graph.nodes:
         ctx.node = node
         if node.op == "placeholder":
@@ -184,8 +196,9 @@ def _run(tm: TracedModel) -> Context:
             if shp is None:
                 continue
             kind = tm.placeholder_kind.get(node.name, "input")
+            key = tm.placeholder_key.get(node.name)
             floating = node.meta["val"].is_floating_point()
-            if kind in ("param", "buffer") and floating and not _used(tm, node):
+            if kind in ("param", "buffer") and floating and key not in used:
                 ctx.layouts[node] = ctx.pinned_layout(shp, UNUSED)
             elif kind in ("param", "buffer") and floating:
                 ctx.layouts[node] = ctx.fresh_layout(shp)
@@ -197,30 +210,32 @@ def _run(tm: TracedModel) -> Context:
                 uniform = tm.uniform_axes.get(node.name, (False,) * len(shp))
                 ctx.layouts[node] = tuple(ctx.fresh(n) if same else ctx.fresh(n, f"{why} at {ctx.where}")
                                           for n, same in zip(shp, uniform))
-            key = tm.placeholder_key.get(node.name)
-            for other in tm.aliases.get(key, ()):  # tied weights: one tensor, one layout
-                if other in seen and ctx.layouts[node] is not None:
-                    ctx.unify(ctx.layouts[seen[other]], ctx.layouts[node])
-            if key is not None:
-                seen[key] = node
+            if key is not None:  # one tensor, one layout: in another graph, or tied under another key
+                for other in (key, *tm.aliases.get(key, ())):
+                    if other in by_key:
+                        ctx.unify(by_key[other], ctx.layouts[node])
+                by_key[key] = ctx.layouts[node]
         elif node.op == "call_function":
             ctx.layouts[node] = _call(ctx, node)
         elif node.op == "output":
-            ctx.pin_layout([ctx.lay(a) for a in node.all_input_nodes], "model output")
+            for a in node.all_input_nodes:
+                target = tm.mutations.get(a.name)
+                if target in by_key and ctx.lay(a) is not None:  # the buffer's new value: permuted as the buffer
+                    ctx.unify(by_key[target], ctx.lay(a))
+                else:
+                    ctx.pin_layout(ctx.lay(a), "model output")
         elif node.op == "get_attr":
             shp = ctx.shape(node)
             ctx.layouts[node] = ctx.pinned_layout(shp, "graph attribute") if shp is not None else None
         else:
             ctx.layouts[node] = _default_rule(ctx, node, f"unsupported node kind {node.op}")
-    return ctx
 
 
-def _used(tm: TracedModel, node: Node) -> bool:
-    """Whether the tensor behind a placeholder (or any tied alias of it) feeds the graph."""
-    if node.users:
-        return True
-    keys = set(tm.aliases.get(tm.placeholder_key.get(node.name), ()))
-    return any(n.users for n in tm.graph.nodes if n.op == "placeholder" and tm.placeholder_key.get(n.name) in keys)
+def _used_keys(tm: TracedModel) -> set:
+    """State-dict keys whose tensor (or a tied alias of it) feeds the graph."""
+    keys = {tm.placeholder_key[n.name] for n in tm.graph.nodes
+            if n.op == "placeholder" and n.users and n.name in tm.placeholder_key}
+    return keys | {o for k in keys for o in tm.aliases.get(k, ())}
 
 
 def _call(ctx: Context, node: Node):
@@ -300,42 +315,67 @@ def _check(ctx: Context, node: Node, out):
     return out if ok else _default_rule(ctx, node, f"rule for {_target_name(node.target)} returned a wrong layout")
 
 
-def infer_spec(model: torch.nn.Module, example_inputs) -> PermutationSpec:
+def infer_spec(model: torch.nn.Module, example_inputs, *, modes: Sequence[str] | None = None) -> PermutationSpec:
     """Infer every permutation of hidden units that leaves ``model``'s function unchanged.
 
     ``example_inputs`` is a tensor or a tuple of tensors; the graph is
-    specialised to their shapes. The model is not modified.
+    specialised to their shapes. ``modes`` lists the modes to trace, ``"eval"``
+    and/or ``"train"``: the spec holds in each of them. By default the model's
+    current mode is traced, and the other mode as well when some parameters go
+    unused in the first (auxiliary heads that run only in train mode). The
+    model is not modified.
 
     >>> import torch, autoperm
     >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> spec = autoperm.infer_spec(mlp, torch.randn(1, 4))
     >>> [(g.name, g.size) for g in spec.groups]
     [('0.weight:0', 8)]
+    >>> len(autoperm.infer_spec(mlp, torch.randn(2, 4), modes=("eval", "train")).groups)
+    1
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"infer_spec needs a torch.nn.Module, got {type(model).__name__}")
-    was_training = model.training
-    try:
-        tm = trace(model, example_inputs)
-    finally:
-        model.train(was_training)
-    ctx = _run(tm)
-    spec = _build_spec(ctx, tm, model)
-    unused = sorted({p.key for p in spec.pinned if p.reason.startswith(UNUSED)} & {k for k, _ in model.named_parameters()})
+    if modes is not None and (not modes or set(modes) - {"eval", "train"}):
+        raise ValueError(f"modes must name 'eval' and/or 'train', got {modes!r}")
+    current = "train" if model.training else "eval"
+    tms = [_trace_in(model, example_inputs, m) for m in dict.fromkeys(modes or (current,))]
+    params = {k for k, p in model.named_parameters() if p.is_floating_point()}
+    if modes is None and params - _used_keys(tms[0]):
+        try:  # a module that runs only in the other mode reads these: trace that mode too
+            tms.append(_trace_in(model, example_inputs, "eval" if current == "train" else "train"))
+        except TraceError:
+            pass  # the warning below says the spec covers the traced mode only
+    spec = _build_spec(_run(*tms), tms, model)
+    unused = sorted(params - set().union(*(_used_keys(tm) for tm in tms)))
     if unused:
-        mode, other = ("train", "eval") if was_training else ("eval", "train")
-        warnings.warn(f"{len(unused)} parameters are not used by the graph traced in {mode} mode ({', '.join(unused[:3])}"
-                      f"{' ...' if len(unused) > 3 else ''}): modules that run only in {other} mode (auxiliary heads) "
-                      f"may read permuted channels; the spec is exact for {mode} mode", stacklevel=2)
+        traced = " and ".join(tm.mode for tm in tms)
+        untraced = [m for m in ("eval", "train") if m not in traced]
+        tail = (f"modules that run only in {untraced[0]} mode (auxiliary heads) may read permuted channels; "
+                f"the spec is exact for {traced} mode") if untraced else "they stay unpermuted"
+        warnings.warn(f"{len(unused)} parameters are not used by the graph traced in {traced} mode "
+                      f"({', '.join(unused[:3])}{' ...' if len(unused) > 3 else ''}): {tail}", stacklevel=2)
     return spec
 
 
-def _build_spec(ctx: Context, tm: TracedModel, model: torch.nn.Module) -> PermutationSpec:
+def _trace_in(model: torch.nn.Module, example_inputs, mode: str) -> TracedModel:
+    """Trace ``model`` in ``mode``; every submodule's own train/eval flag is restored afterwards."""
+    if mode == ("train" if model.training else "eval"):
+        return trace(model, example_inputs)
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(mode == "train")
+        return trace(model, example_inputs)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _build_spec(ctx: Context, tms: Sequence[TracedModel], model: torch.nn.Module) -> PermutationSpec:
     atoms = ctx.atoms
     state = model.state_dict()
-    by_key = {tm.placeholder_key[n.name]: ctx.layouts[n] for n in tm.graph.nodes
+    by_key = {tm.placeholder_key[n.name]: ctx.layouts[n] for tm in tms for n in tm.graph.nodes
               if n.op == "placeholder" and n.name in tm.placeholder_key and ctx.layouts.get(n) is not None}
-    for k, others in tm.aliases.items():
+    for k, others in tms[0].aliases.items():
         for o in others:
             if k in by_key and o not in by_key:
                 by_key[o] = by_key[k]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch.export.graph_signature import InputKind
+from torch.export.graph_signature import InputKind, OutputKind
 
 __all__ = ["TracedModel", "trace", "TraceError"]
 
@@ -30,6 +30,9 @@ class TracedModel:
     # placeholder name -> per axis, whether the tensor is the same along it (non-persistent buffers and
     # constants, whose values are known here: any permutation of such an axis leaves them unchanged)
     uniform_axes: dict[str, tuple[bool, ...]] = field(default_factory=dict)
+    # output node name -> state-dict key of the buffer it overwrites (a buffer mutation, not a model output)
+    mutations: dict[str, str] = field(default_factory=dict)
+    mode: str = "eval"  # the mode (train or eval) the graph was traced in
 
 
 def as_tuple(example_inputs) -> tuple:
@@ -67,7 +70,10 @@ def trace(model: torch.nn.Module, example_inputs) -> TracedModel:
     uniform = {name: uniform_axes(ep.constants[spec.target]) for spec in ep.graph_signature.input_specs
                if kind.get(spec.arg.name) in ("nonpersistent", "constant")
                and isinstance(ep.constants.get(spec.target), torch.Tensor) for name in [spec.arg.name]}
-    return TracedModel(ep.graph_module.graph, key, kind, _aliases(model), uniform)
+    mutations = {spec.arg.name: spec.target for spec in ep.graph_signature.output_specs
+                 if spec.kind == OutputKind.BUFFER_MUTATION and spec.target in persistent}
+    return TracedModel(ep.graph_module.graph, key, kind, _aliases(model), uniform, mutations,
+                       "train" if model.training else "eval")
 
 
 def uniform_axes(t: torch.Tensor) -> tuple[bool, ...]:

@@ -98,18 +98,85 @@ def test_train_mode_check_ignores_functional_dropout():
     assert torch.nn.functional.dropout(torch.ones(1000), 0.5).eq(0).any()  # restored afterwards
 
 
-def test_train_only_modules_are_warned_about():
-    """An auxiliary head that runs only in train mode is not in the eval graph: infer_spec says so."""
+class _Aux(nn.Module):
+    """An auxiliary head that runs only in train mode (GoogLeNet, Inception-v3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.aux = nn.Linear(3, 6), nn.Linear(6, 2), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return (self.b(h), self.aux(h)) if self.training else self.b(h)
+
+
+def test_train_only_modules_are_traced_in_train_mode_too():
+    """Eval mode leaves the head unused, so infer_spec traces train mode as well: one spec, exact in both."""
+    import warnings
+
+    net, x = _Aux().eval(), torch.randn(4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = autoperm.infer_spec(net, x)
+    assert not net.training
+    assert {(m.key, m.axis) for m in spec.groups[0].members} >= {("a.weight", 0), ("b.weight", 1), ("aux.weight", 1)}
+    for mode in (False, True):
+        assert autoperm.check_invariance(net.train(mode), spec, x) < 1e-6
+
+
+def test_eval_only_spec_warns_about_train_only_modules():
     import pytest
 
-    class Aux(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b, self.aux = nn.Linear(3, 6), nn.Linear(6, 2), nn.Linear(6, 2)
+    torch.manual_seed(0)
+    net, x = _Aux().eval(), torch.randn(4, 3)
+    with pytest.warns(UserWarning, match="not used by the graph traced in eval mode .*aux.bias.*exact for eval mode"):
+        spec = autoperm.infer_spec(net, x, modes=("eval",))
+    assert autoperm.check_invariance(net, spec, x) < 1e-6
+    assert autoperm.check_invariance(net.train(), spec, x) > 1e-2  # the head reads permuted units
 
-        def forward(self, x):
-            h = torch.relu(self.a(x))
-            return (self.b(h), self.aux(h)) if self.training else self.b(h)
 
-    with pytest.warns(UserWarning, match="not used by the graph traced in eval mode .*aux.bias"):
-        autoperm.infer_spec(Aux().eval(), torch.randn(2, 3))
+def test_modes_are_checked_and_submodule_modes_restored():
+    import pytest
+
+    net = _Aux().train()
+    net.a.eval()
+    with pytest.raises(ValueError, match="modes must name"):
+        autoperm.infer_spec(net, torch.randn(2, 3), modes=("test",))
+    autoperm.infer_spec(net, torch.randn(2, 3), modes=("eval", "train"))
+    assert net.training and not net.a.training and net.b.training
+
+
+class _Ema(nn.Module):
+    """A buffer overwritten in forward: a running mean kept by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 2)
+        self.register_buffer("ema", torch.zeros(5))
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        self.ema = 0.9 * self.ema + 0.1 * h.mean(0)
+        return self.b(h)
+
+
+def test_buffer_assigned_in_forward_permutes_with_its_source():
+    """A buffer overwritten in forward (a running mean kept by hand) follows the units it averages."""
+
+    net, x = _Ema(), torch.randn(4, 3)
+    spec = autoperm.infer_spec(net, x)
+    assert len(spec.groups) == 1 and {m.key for m in spec.groups[0].members} >= {"ema", "a.weight", "b.weight"}
+    assert autoperm.check_invariance(net, spec, x) < 1e-6
+
+
+def test_buffer_mutation_outputs_of_a_functional_graph_follow_their_buffer(monkeypatch):
+    """Functional graphs (``run_decompositions``; older torch.export) return a buffer's new value as an
+    output: it is permuted as the buffer, not pinned as a model output."""
+
+    export = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: export(*a, **k).run_decompositions({}))
+    from autoperm._trace import trace
+
+    assert trace(_Ema(), torch.randn(4, 3)).mutations == {"add": "ema"}
+    spec = autoperm.infer_spec(_Ema(), torch.randn(4, 3))
+    assert len(spec.groups) == 1 and {m.key for m in spec.groups[0].members} >= {"ema", "a.weight", "b.weight"}

@@ -281,8 +281,8 @@ def invariance_reason(model, spec: PermutationSpec, x, errors, tol: float = TOLE
     worst = max(e for e in errors if e is not None)
     params = {k for k, _ in model.named_parameters()}
     unused = sorted({p.key for p in spec.pinned if p.reason.startswith("not used by the traced graph")} & params)
-    why = (f"; {len(unused)} parameters unused by the eval-mode graph ({', '.join(unused[:2])} ...) run in train mode: "
-           "the spec is inferred from eval mode, and train-only modules read permuted channels"
+    why = (f"; {len(unused)} parameters unused by the traced graphs ({', '.join(unused[:2])} ...) run in train mode: "
+           "train-only modules read permuted channels (train mode did not trace)"
            if unused and mode == "train" else "")
     return (f"outputs change by {worst:.2g} ({mode})" + why +
             ("; groups that change them alone: " + "; ".join(_describe_group(spec, g) for g in bad) if bad else ""))
