@@ -370,3 +370,21 @@ def test_activation_matching_with_a_single_sample():
     perm = autoperm.activation_matching(spec, model, _model_b(model, b), [torch.randn(1, 5)], progress=False)
     inv = autoperm.inverse_permutation(p)
     assert all(torch.equal(perm[g], inv[g]) for g in spec.group_sizes)
+
+
+@pytest.mark.parametrize("offset", [0.0, -1e3, 1e6])
+def test_assignment_solver_is_exact_with_and_without_lap(offset, monkeypatch):
+    """Row-reduced LAPJV and the scipy fallback both reach the brute-force optimum, whatever the rows' offsets."""
+    import numpy as np
+
+    from autoperm.matching import _lap
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 6):
+        cost = rng.standard_normal((n, n)) + offset * rng.random((n, 1))
+        best = max(sum(cost[i, p[i]] for i in range(n)) for p in itertools.permutations(range(n)))
+        for solver in (_lap._lap, None):
+            monkeypatch.setattr(_lap, "_lap", solver)
+            p = _lap.solve_numpy(cost)
+            assert sorted(p.tolist()) == list(range(n))
+            assert abs(cost[np.arange(n), p].sum() - best) <= 1e-9 * max(1.0, abs(best))

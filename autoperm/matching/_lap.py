@@ -1,8 +1,10 @@
 """Linear assignment: the one solver every matcher calls.
 
-Uses the ``lap`` package (Jonker-Volgenant, LAPJV) when it is installed: on weight-matching cost
-matrices it is 2-5× faster than scipy's ``linear_sum_assignment`` (measured in
-``docs/performance.md``). Both are exact; scipy is the fallback.
+Uses the ``lap`` package (Jonker-Volgenant, LAPJV) when it is installed, on row-reduced costs (each
+row's maximum minus the row: every row holds a zero, no cost is negative; the same optimum). On the
+cost matrices weight matching meets, plain LAPJV was 6× slower than scipy on one ConvNeXt-T matrix;
+row-reduced it is faster than scipy on every model measured (``benchmarks/bench_lap.py``,
+``docs/performance.md``). Both are exact; scipy's ``linear_sum_assignment`` is the fallback.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ __all__ = ["solve", "solve_numpy"]
 def solve_numpy(cost: np.ndarray) -> np.ndarray:
     """The permutation ``p`` maximising ``Σ_i cost[i, p[i]]`` of a square float64 array (int64 array)."""
     if _lap is not None and len(cost) > 1:
-        _, x, _ = _lap.lapjv(-cost, extend_cost=False)
+        _, x, _ = _lap.lapjv(cost.max(axis=1, keepdims=True) - cost, extend_cost=False)
         return x.astype(np.int64)
     rows, cols = linear_sum_assignment(cost, maximize=True)
     out = np.empty(len(rows), dtype=np.int64)
