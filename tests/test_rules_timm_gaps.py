@@ -254,3 +254,23 @@ def test_convolution_that_moves_positions_still_pins(kw):
     spec, err = spec_and_error(M(), torch.randn(2, 4))
     assert err < TOL
     assert spec.axes["a.weight"][0] is None
+
+
+class _WholeTensorTests(nn.Module):
+    """gemma4_vit's encoder: ``all`` / ``any`` / ``prod`` over a whole tensor give a scalar that no permutation changes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        ok = torch.all(h >= 0) & torch.any(h > 0)
+        return self.b(h) * ok.float() + torch.prod(torch.sigmoid(h))
+
+
+def test_whole_tensor_all_any_prod_keep_the_group():
+    spec, err = spec_and_error(_WholeTensorTests(), torch.randn(4, 3))
+    assert not spec.unsupported
+    assert tied_sets(spec) == {frozenset({("a.weight", 0), ("a.bias", 0), ("b.weight", 1)})}
+    assert err < TOL

@@ -21,7 +21,8 @@ def reduce_dims(ctx, x, dim=None, keepdim=False, *rest, **kw):
     return _reduce(ctx, x, dim, keepdim)
 
 
-@builtin_rule("aten.mean.default", "aten.sum.default", "aten.max.default", "aten.min.default")
+@builtin_rule("aten.mean.default", "aten.sum.default", "aten.max.default", "aten.min.default", "aten.prod.default",
+              "aten.all.default", "aten.any.default")
 def reduce_all(ctx, x, *rest, **kw):
     """Reduce every axis to a scalar (``amax.default`` takes ``dim``/``keepdim``: it is ``reduce_dims``)."""
     return ()
