@@ -16,7 +16,7 @@ import torch
 from torch.fx import Node
 
 from ._atoms import AtomTable
-from ._trace import TraceError, TracedModel, trace
+from ._trace import TraceError, TracedModel, mode_of, trace
 from .rules import get_rule
 from .spec import PermutationSpec, Pin
 
@@ -46,6 +46,7 @@ class Context:
         self.layouts: dict[Node, Any] = {}
         self.node: Node | None = None
         self.unsupported: list[str] = []
+        self.state_layouts: dict[str, Any] = {}  # state-dict key -> layout, one per tensor across graphs
 
     # -- lookups ----------------------------------------------------------
     def lay(self, x) -> Layout | None:
@@ -182,9 +183,14 @@ def _run(*tms: TracedModel) -> Context:
     """
     ctx = Context(AtomTable())
     used = set().union(*(_used_keys(tm) for tm in tms))
-    by_key: dict[str, Layout] = {}
+    by_key = ctx.state_layouts
     for tm in tms:
         _run_graph(ctx, tm, used, by_key)
+    for tm in tms:  # tied keys that no placeholder carries share their tensor's layout
+        for k, others in tm.aliases.items():
+            for o in others:
+                if k in by_key and o not in by_key:
+                    by_key[o] = by_key[k]
     return ctx
 
 
@@ -337,7 +343,7 @@ def infer_spec(model: torch.nn.Module, example_inputs, *, modes: Sequence[str] |
         raise TypeError(f"infer_spec needs a torch.nn.Module, got {type(model).__name__}")
     if modes is not None and (not modes or set(modes) - {"eval", "train"}):
         raise ValueError(f"modes must name 'eval' and/or 'train', got {modes!r}")
-    current = "train" if model.training else "eval"
+    current = mode_of(model)
     tms = [_trace_in(model, example_inputs, m) for m in dict.fromkeys(modes or (current,))]
     params = {k for k, p in model.named_parameters() if p.is_floating_point()}
     if modes is None and params - _used_keys(tms[0]):
@@ -345,11 +351,11 @@ def infer_spec(model: torch.nn.Module, example_inputs, *, modes: Sequence[str] |
             tms.append(_trace_in(model, example_inputs, "eval" if current == "train" else "train"))
         except TraceError:
             pass  # the warning below says the spec covers the traced mode only
-    spec = _build_spec(_run(*tms), tms, model)
+    spec = _build_spec(_run(*tms), model)
     unused = sorted(params - set().union(*(_used_keys(tm) for tm in tms)))
     if unused:
         traced = " and ".join(tm.mode for tm in tms)
-        untraced = [m for m in ("eval", "train") if m not in traced]
+        untraced = [m for m in ("eval", "train") if m not in {tm.mode for tm in tms}]
         tail = (f"modules that run only in {untraced[0]} mode (auxiliary heads) may read permuted channels; "
                 f"the spec is exact for {traced} mode") if untraced else "they stay unpermuted"
         warnings.warn(f"{len(unused)} parameters are not used by the graph traced in {traced} mode "
@@ -359,7 +365,7 @@ def infer_spec(model: torch.nn.Module, example_inputs, *, modes: Sequence[str] |
 
 def _trace_in(model: torch.nn.Module, example_inputs, mode: str) -> TracedModel:
     """Trace ``model`` in ``mode``; every submodule's own train/eval flag is restored afterwards."""
-    if mode == ("train" if model.training else "eval"):
+    if mode == mode_of(model):
         return trace(model, example_inputs)
     flags = [(m, m.training) for m in model.modules()]
     try:
@@ -370,15 +376,10 @@ def _trace_in(model: torch.nn.Module, example_inputs, mode: str) -> TracedModel:
             m.training = flag
 
 
-def _build_spec(ctx: Context, tms: Sequence[TracedModel], model: torch.nn.Module) -> PermutationSpec:
+def _build_spec(ctx: Context, model: torch.nn.Module) -> PermutationSpec:
     atoms = ctx.atoms
     state = model.state_dict()
-    by_key = {tm.placeholder_key[n.name]: ctx.layouts[n] for tm in tms for n in tm.graph.nodes
-              if n.op == "placeholder" and n.name in tm.placeholder_key and ctx.layouts.get(n) is not None}
-    for k, others in tms[0].aliases.items():
-        for o in others:
-            if k in by_key and o not in by_key:
-                by_key[o] = by_key[k]
+    by_key = ctx.state_layouts
     names: dict[int, str] = {}
     axes: dict[str, list] = {}
     pinned: list[Pin] = []

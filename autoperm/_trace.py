@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
 
-__all__ = ["TracedModel", "trace", "TraceError"]
+__all__ = ["TracedModel", "trace", "TraceError", "mode_of"]
 
 
 class TraceError(RuntimeError):
@@ -72,8 +72,12 @@ def trace(model: torch.nn.Module, example_inputs) -> TracedModel:
                and isinstance(ep.constants.get(spec.target), torch.Tensor) for name in [spec.arg.name]}
     mutations = {spec.arg.name: spec.target for spec in ep.graph_signature.output_specs
                  if spec.kind == OutputKind.BUFFER_MUTATION and spec.target in persistent}
-    return TracedModel(ep.graph_module.graph, key, kind, _aliases(model), uniform, mutations,
-                       "train" if model.training else "eval")
+    return TracedModel(ep.graph_module.graph, key, kind, _aliases(model), uniform, mutations, mode_of(model))
+
+
+def mode_of(model: torch.nn.Module) -> str:
+    """``"train"`` or ``"eval"``: the mode of the model's root module."""
+    return "train" if model.training else "eval"
 
 
 def uniform_axes(t: torch.Tensor) -> tuple[bool, ...]:

@@ -32,7 +32,7 @@ def measure(name: str, repeats: int) -> dict:
         t0 = time.perf_counter()
         tm = trace(m, x)
         t1 = time.perf_counter()
-        spec = _build_spec(_run(tm), [tm], m)
+        spec = _build_spec(_run(tm), m)
         t2 = time.perf_counter()
         export.append(t1 - t0); analysis.append(t2 - t1); total.append(t2 - t0)
     return {"model": name, "first": first, "total": statistics.median(total), "export": statistics.median(export),
