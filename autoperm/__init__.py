@@ -15,6 +15,7 @@ from .barrier import (
     reset_bn_stats,
 )
 from .check import check_invariance, randomize_
+from .equivalence import Verdict, invariance_verdict, same_function
 from .matching import activation_matching, ste_matching, weight_matching
 from .permutation import (
     Permutation, apply_permutation, compose_permutations, identity_permutation, inverse_permutation,
@@ -24,7 +25,7 @@ from .rules import register_rule
 from .spec import Group, Member, PermutationSpec, Pin
 
 __all__ = [
-    "infer_spec", "axis_graph", "check_invariance", "randomize_", "register_rule", "TraceError",
+    "infer_spec", "axis_graph", "check_invariance", "randomize_", "same_function", "invariance_verdict", "Verdict", "register_rule", "TraceError",
     "PermutationSpec", "Group", "Member", "Pin",
     "Permutation", "random_permutation", "identity_permutation", "inverse_permutation",
     "compose_permutations", "apply_permutation", "permute_model_", "load_state_",

@@ -12,7 +12,7 @@ from ._trace import as_tuple
 from .permutation import apply_permutation, random_permutation
 from .spec import PermutationSpec
 
-__all__ = ["check_invariance", "relative_difference", "randomize_"]
+__all__ = ["check_invariance", "relative_difference", "randomize_", "run_outputs", "validate_finite"]
 
 _DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout)
 
@@ -105,12 +105,51 @@ def _without_functional_dropout():
             setattr(F, n, fn)
 
 
+def validate_finite(model: torch.nn.Module) -> None:
+    """Raise ValueError naming the parameters holding NaN or inf and the buffers holding NaN.
+
+    An infinite unit can hide a wrong permutation behind equal infinite outputs; infinite buffers
+    (clamp bounds) are legitimate.
+    """
+    params = {id(p) for p in model.parameters()}
+    keys = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_floating_point()
+            and not bool((torch.isfinite(t) if id(t) in params else ~torch.isnan(t)).all())]
+    if keys:
+        raise ValueError(f"tensors with NaN or inf values: {keys[:5]}: outputs cannot show a wrong permutation")
+
+
+def run_outputs(model: torch.nn.Module, args: tuple, seed: int = 0, *, check_nan: bool = True):
+    """``model(*args)`` as every check runs it: no gradients, dropout off, the random generator seeded.
+
+    ``model`` must be a copy the caller owns (its dropout modules are put in eval mode). A model
+    that fails on ``args`` raises ValueError giving their shapes; with ``check_nan``, so do NaN outputs.
+    """
+    for m in model.modules():
+        if isinstance(m, _DROPOUT):  # element-wise random masks are not permutation-equivariant
+            m.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), _without_functional_dropout():
+        torch.manual_seed(seed)
+        try:
+            out = model(*args)
+        except Exception as e:  # noqa: BLE001 - re-raised with the input shapes
+            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in args]
+            raise ValueError(f"{type(model).__name__} fails on example inputs of shapes {shapes}: "
+                             f"{type(e).__name__}: {e}") from e
+    bad = [i for i, t in enumerate(_tensors(out)) if t.is_floating_point() and bool(torch.isnan(t).any())]
+    if check_nan and bad:
+        raise ValueError(f"model output {bad[0]} has NaN values: outputs cannot show a wrong permutation")
+    return out
+
+
 @torch.no_grad()
 def check_invariance(model: torch.nn.Module, spec: PermutationSpec, example_inputs, seed: int = 0) -> float:
     """The largest relative output difference after a random permutation of every group.
 
     Runs copies of ``model`` in its current mode (train or eval); ``model`` itself is not modified.
-    A sound spec gives float round-off (about 1e-6 in float32).
+    A sound spec gives float round-off (about 1e-6 in float32). A bfloat16 or float16 model is
+    checked on float32 copies of itself and of ``example_inputs`` (the same weight values): its own
+    round-off (about 1e-3) would hide a small wrong change and exceed any float32 tolerance.
+    :func:`autoperm.equivalence.invariance_verdict` decides pass or fail, with a float64 fallback.
 
     Raises:
         ValueError: a parameter holds NaN or inf, or a buffer NaN (named in the message: an
@@ -124,30 +163,19 @@ def check_invariance(model: torch.nn.Module, spec: PermutationSpec, example_inpu
     >>> x = torch.randn(3, 4)
     >>> autoperm.check_invariance(mlp, autoperm.infer_spec(mlp, x), x) < 1e-5
     True
+    >>> autoperm.check_invariance(mlp.bfloat16(), autoperm.infer_spec(mlp, x), x) < 1e-5  # on a float32 copy
+    True
     """
+    from ._float64 import floating_dtype, inputs_in, model_in
+
     args = as_tuple(example_inputs)
-    params = {id(p) for p in model.parameters()}
-    keys = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_floating_point()
-            and not bool((torch.isfinite(t) if id(t) in params else ~torch.isnan(t)).all())]
-    if keys:  # infinite buffers are legitimate (clamp bounds); infinite parameters are not
-        raise ValueError(f"tensors with NaN or inf values: {keys[:5]}: outputs cannot show a wrong permutation")
-    a, b = copy.deepcopy(model), copy.deepcopy(model)
-    for m in (*a.modules(), *b.modules()):
-        if isinstance(m, _DROPOUT):  # element-wise random masks are not permutation-equivariant
-            m.eval()
+    validate_finite(model)
+    if torch.finfo(floating_dtype(model)).bits < 32:
+        a, args = model_in(model, torch.float32), as_tuple(inputs_in(args, torch.float32))
+    else:
+        a = copy.deepcopy(model)
+    b = copy.deepcopy(a)
     load_state_(b, apply_permutation(spec, random_permutation(spec, seed), a.state_dict()))
-    with torch.random.fork_rng(devices=[]), _without_functional_dropout():
-        torch.manual_seed(seed)
-        try:
-            ya = a(*args)
-        except Exception as e:  # noqa: BLE001 - re-raised with the input shapes
-            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in args]
-            raise ValueError(f"{type(model).__name__} fails on example inputs of shapes {shapes}: "
-                             f"{type(e).__name__}: {e}") from e
-    with torch.random.fork_rng(devices=[]), _without_functional_dropout():
-        torch.manual_seed(seed)
-        yb = b(*args)
-    bad = [i for i, t in enumerate(_tensors(ya)) if t.is_floating_point() and bool(torch.isnan(t).any())]
-    if bad:
-        raise ValueError(f"model output {bad[0]} has NaN values: outputs cannot show a wrong permutation")
+    ya = run_outputs(a, args, seed)
+    yb = run_outputs(b, args, seed, check_nan=False)
     return relative_difference(ya, yb)

@@ -300,15 +300,14 @@ def _align(args, rm, spec, a, b, data: _Data | None):
     return aligned[1], perm
 
 
-def _verify(args, rm, b, aligned) -> float:
-    """Relative output difference between B and aligned B on the example inputs (should be round-off)."""
-    from .check import relative_difference
+def _verify(args, rm, b, aligned):
+    """Whether aligned B computes what B computes on the example inputs (a Verdict; dtype-aware)."""
+    from .equivalence import same_function
 
-    mb, mc = copy.deepcopy(rm.module), copy.deepcopy(rm.module)
-    load_state_(mb, b)
-    load_state_(mc, aligned)
-    with torch.no_grad():
-        return relative_difference(mb.eval()(*rm.example_inputs), mc.eval()(*rm.example_inputs))
+    try:
+        return same_function(rm.module, b, aligned, rm.example_inputs, tol=VERIFY_TOL)
+    except ValueError as e:  # the model fails on its example inputs, or gives NaN
+        raise CLIError(f"cannot check the aligned model: {e}") from e
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -319,9 +318,10 @@ def cmd_inspect(args) -> int:
     spec = _infer(args, rm)
     err = None
     if args.check:  # on perturbed weights: zero-initialised heads could hide a wrong permutation
-        from .check import check_invariance, randomize_
+        from .check import randomize_
+        from .equivalence import invariance_verdict
 
-        err = check_invariance(randomize_(copy.deepcopy(rm.module)), spec, rm.example_inputs)
+        err = invariance_verdict(randomize_(copy.deepcopy(rm.module)), spec, rm.example_inputs, tol=VERIFY_TOL)
     if args.json:
         text = spec.to_json(indent=2) + "\n"
     else:
@@ -331,7 +331,7 @@ def cmd_inspect(args) -> int:
         _log(args, f"wrote {args.output}")
     else:
         sys.stdout.write(text)
-    return EXIT_CHECK_FAILED if err is not None and err > VERIFY_TOL else 0
+    return EXIT_CHECK_FAILED if err is not None and not err.ok else 0
 
 
 def cmd_align(args) -> int:
@@ -347,13 +347,13 @@ def cmd_align(args) -> int:
     data = _load_data(args, rm, need_labels=False) if args.method != "weight" else None
     aligned, perm = _align(args, rm, spec, a, b, data)
     if not args.no_verify:
-        diff = _verify(args, rm, b, aligned)
-        _log(args, f"check: aligned B computes what B computes (relative output difference {diff:.1e})")
-        if diff > VERIFY_TOL:
-            print(f"autoperm align: error: aligned B differs from B by {diff:.2e} (> {VERIFY_TOL:g}) on the example "
-                  "input; nothing written. This is a bug in the inferred spec; please report it with "
+        verdict = _verify(args, rm, b, aligned)
+        if not verdict.ok:
+            print(f"autoperm align: error: aligned B does not compute what B computes on the example input "
+                  f"({verdict}); nothing written. This is a bug in the inferred spec; please report it with "
                   "`autoperm inspect --check`.", file=sys.stderr)
             return EXIT_CHECK_FAILED
+        _log(args, f"check: aligned B computes what B computes ({verdict})")
     meta = {"autoperm_version": _version(), "aligned_to": os.path.basename(args.a),
             "source": os.path.basename(args.b), "method": args.method, "model": args.model}
     save_checkpoint(aligned, args.output, inputs=inputs, metadata=meta)
@@ -430,7 +430,7 @@ def _same_path(a: str, b: str) -> bool:
 
 
 # -- the inspect table ----------------------------------------------------------------------------
-def format_spec(spec, rm=None, verbose: bool = False, invariance: float | None = None) -> str:
+def format_spec(spec, rm=None, verbose: bool = False, invariance=None) -> str:
     """The human-readable ``inspect`` report: a summary line, the groups table, pinned axes, unsupported ops."""
     lines = []
     if rm is not None:
@@ -440,10 +440,9 @@ def format_spec(spec, rm=None, verbose: bool = False, invariance: float | None =
     lines.append(f"{len(spec.group_sizes)} groups, {spec.num_units} permutable units, "
                  f"{100 * spec.permuted_fraction():.1f}% of state-dict elements in tensors with a permuted axis, "
                  f"{n_pins} pinned axes, {len(spec.unsupported)} unsupported ops")
-    if invariance is not None:
-        verdict = "ok" if invariance <= VERIFY_TOL else "FAILED"
-        lines.append(f"invariance check: relative output difference {invariance:.1e} after a random permutation "
-                     f"of every group ({verdict})")
+    if invariance is not None:  # a Verdict (autoperm.equivalence)
+        lines.append(f"invariance check after a random permutation of every group: {invariance} "
+                     f"({'ok' if invariance.ok else 'FAILED'})")
     lines.append("")
     rows = []
     for grp in spec.groups:

@@ -28,6 +28,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ._float64 import floating_dtype, inputs_in
+
 __all__ = ["ResolvedModel", "ModelError", "resolve_model", "parse_shape", "parse_model_args", "random_inputs",
            "random_like"]
 
@@ -140,14 +142,14 @@ def resolve_model(name: str, input_shape: Sequence[int] | Sequence[Sequence[int]
     else:
         model, example, source = _from_timm(name, kwargs), None, "timm"
     model.eval()
-    if shapes is not None:
-        example = random_inputs(shapes, batch_size, seed)
-    elif example is None:
+    if shapes is None and example is None:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         if "input_size" not in cfg:
             raise ModelError(f"{name}: no example input shape known; pass --input-shape (one example, "
                              "without the batch axis, e.g. 3,224,224)")
-        example = random_inputs([tuple(cfg["input_size"])], batch_size, seed)
+        shapes = [tuple(cfg["input_size"])]
+    if shapes is not None:  # random inputs in the model's dtype (a bfloat16 model takes bfloat16)
+        example = inputs_in(random_inputs(shapes, batch_size, seed), floating_dtype(model))
     elif not isinstance(example, tuple):
         example = tuple(example) if isinstance(example, list) else (example,)
     return ResolvedModel(name, model, example, source)

@@ -37,7 +37,9 @@ except ImportError as e:  # pragma: no cover - exercised only without fusion_ben
     raise ImportError("autoperm.plugins.fusion_bench needs fusion_bench: pip install fusion-bench") from e
 
 from .. import infer_spec
+from .._float64 import floating_dtype, inputs_in
 from .._load import load_state_
+from ..equivalence import same_function
 from ..models import random_inputs, random_like
 from ._align import align_states
 from ._hf import hf_example_inputs, is_hf_model, prepare_for_trace
@@ -61,13 +63,17 @@ class AutopermAlignment(BaseAlgorithm):
             random inputs shaped like the example inputs.
         seed: for the matcher and random inputs.
         matcher_options: extra keyword arguments for the matcher (e.g. ``max_iter``).
+        verify: check that every aligned model computes what its source computes on the example
+            inputs (on float32 copies of bfloat16 and float16 models; :mod:`autoperm.equivalence`)
+            and raise RuntimeError, naming the dtype, tolerance and round-off floor, when one does not.
 
     After ``run``, ``self.spec`` is the spec and ``self.permutations`` maps each model name to the
     permutation applied to it.
     """
 
     def __init__(self, method: str = "weight", input_shape: Sequence[int] | None = None, merge: Any = None,
-                 random_batches: int = 8, seed: int = 0, matcher_options: dict | None = None, **kwargs):
+                 random_batches: int = 8, seed: int = 0, matcher_options: dict | None = None, verify: bool = True,
+                 **kwargs):
         super().__init__(**kwargs)
         self.example_inputs = None
         self.batches = None  # inputs for activation/ste matching: tensors, or tuples for several inputs
@@ -95,9 +101,11 @@ class AutopermAlignment(BaseAlgorithm):
         options = {"seed": self.seed, **(self.matcher_options or {})}
         aligned, perms = align_states(self.spec, [m.state_dict() for m in models], self.method, model=ref,
                                       inputs=inputs, labels=self.labels, **options)
+        if self.verify:
+            self._verify(names, models, aligned, example)
         out = {}
         for name, model, state in zip(names, models, aligned, strict=True):
-            m = copy.deepcopy(model)
+            m = copy.deepcopy(model)  # in the stored dtype: unmoved weights stay bit for bit
             load_state_(m, state)
             out[name] = m
         for name in modelpool.all_model_names:
@@ -114,15 +122,26 @@ class AutopermAlignment(BaseAlgorithm):
             merge = instantiate(merge)
         return merge.run(pool)
 
+    @staticmethod
+    def _verify(names, models, aligned, example) -> None:
+        """Each aligned model must compute what its source computes (float32 copies of bfloat16/float16 models)."""
+        for name, model, state in zip(names[1:], models[1:], aligned[1:], strict=True):
+            verdict = same_function(model, model.state_dict(), state, example)
+            if not verdict.ok:
+                raise RuntimeError(f"aligned model {name!r} does not compute what the original computes ({verdict}); "
+                                   "a bug in the inferred spec: please report it")
+            log.info("autoperm: %s checked: %s", name, verdict)
+
     def _example_inputs(self, model: torch.nn.Module) -> tuple:
+        """The tracing inputs; floating-point ones in the model's dtype (a bfloat16 model takes bfloat16)."""
         if self.example_inputs is not None:
             ex = self.example_inputs
-            return ex if isinstance(ex, tuple) else (ex,)
+            return inputs_in(ex if isinstance(ex, tuple) else (ex,), floating_dtype(model))
         if self.input_shape is not None:
-            return random_inputs([tuple(self.input_shape)], seed=self.seed)
+            return inputs_in(random_inputs([tuple(self.input_shape)], seed=self.seed), floating_dtype(model))
         cfg = getattr(model, "pretrained_cfg", None) or {}
         if "input_size" in cfg:
-            return random_inputs([tuple(cfg["input_size"])], seed=self.seed)
+            return inputs_in(random_inputs([tuple(cfg["input_size"])], seed=self.seed), floating_dtype(model))
         if is_hf_model(model):
             prepare_for_trace(model)
             return hf_example_inputs(model, seed=self.seed)

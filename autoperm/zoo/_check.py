@@ -12,6 +12,7 @@ from .._load import load_state_
 from .._trace import TraceError
 from .._infer import infer_spec
 from ..check import check_invariance, randomize_
+from ..equivalence import FLOOR_FACTOR, TOLERANCE, TOLERANCE_FLOAT64, roundoff_perturb_
 from ..permutation import apply_permutation, random_permutation
 from ..spec import PermutationSpec
 from ._registry import ZooEntry
@@ -20,8 +21,6 @@ __all__ = ["ZooRecord", "build", "check_model", "has_batchnorm", "culprit_groups
            "invariance_reason", "invariance_holds", "float64_errors", "planted_weight_matching",
            "planted_activation_matching", "pin_kinds", "noise_floor", "TOLERANCE", "TOLERANCE_FLOAT64"]
 
-TOLERANCE = 1e-4  # largest relative output change that counts as unchanged (float32, deep nets)
-TOLERANCE_FLOAT64 = 1e-9  # the same in float64, where round-off is about 1e-15
 _DROP_KWARGS = ({"drop_rate": 0.0, "drop_path_rate": 0.0}, {"drop_rate": 0.0}, {})
 
 
@@ -222,18 +221,10 @@ def noise_floor(model: torch.nn.Module, x, seed: int = 0, draws: int = 2) -> flo
         torch.manual_seed(seed)
         ref = model(*args)
         for _ in range(draws):
-            b = copy.deepcopy(model)
-            for t in b.state_dict().values():
-                if t.is_floating_point():
-                    u = 2 * torch.rand(t.shape, generator=gen, dtype=torch.float64) - 1
-                    t.mul_((1 + torch.finfo(t.dtype).eps * u).to(t.dtype))
+            b = roundoff_perturb_(copy.deepcopy(model), generator=gen)
             torch.manual_seed(seed)
             worst = max(worst, relative_difference(ref, b(*args)))
     return worst
-
-
-# A train-mode error within this many noise floors counts as round-off (when eval mode passed).
-FLOOR_FACTOR = 3.0
 
 
 def invariance_holds(model, spec: PermutationSpec, x, errors, tol: float = TOLERANCE,
