@@ -65,7 +65,7 @@ class Verdict:
         if self.float32_change is not None:
             run += f" (float32: {self.float32_change:.1e})"
         return (f"relative output change {self.change:.1e} in {run} {'<=' if self.ok else '>'} tolerance "
-                f"{self.tolerance:.0e}; {dtype_name(self.stored)} round-off floor {self.floor:.1e}")
+                f"{self.tolerance:.1e}; {dtype_name(self.stored)} round-off floor {self.floor:.1e}")
 
 
 def same_function(model: torch.nn.Module, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor],
@@ -127,7 +127,7 @@ def invariance_verdict(model: torch.nn.Module, spec: PermutationSpec, inputs, se
     >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).half()
     >>> x = torch.randn(3, 4)
     >>> print(invariance_verdict(mlp, autoperm.infer_spec(mlp, x.half()), x))  # doctest: +ELLIPSIS
-    relative output change ... in float32 copies of the float16 weights <= tolerance 1e-04; float16 round-off floor ...
+    relative output change ... in float32 copies of the float16 weights <= tolerance 1.0e-04; float16 round-off floor ...
     """
     validate_finite(model)
     state = model.state_dict()
