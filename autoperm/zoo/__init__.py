@@ -4,7 +4,9 @@ For every model: build it (random weights, perturbed by ``randomize_``), trace i
 spec, require at least one group, permute every group at random and compare outputs in eval mode
 (and train mode with BatchNorm); optionally plant a random permutation and check that weight and
 activation matching undo it. Each model runs in a child process with a timeout and a memory
-limit, so one crash does not end the run. ``docs/zoo.md`` is written by::
+limit, so one crash does not end the run. The markdown report is a summary to read; every record in
+full (each pinned axis with its reason) goes to a JSON-lines file beside it (``--jsonl``, else the
+report's name with ``.jsonl``). ``docs/zoo.md`` and ``docs/zoo.jsonl`` are written by::
 
     python -m autoperm.zoo                        # smallest config of every timm family
     python -m autoperm.zoo --zoo all --jsonl docs/zoo-all.jsonl --resume     # every timm config
@@ -32,10 +34,10 @@ from ._registry import (
     write_timm_params, zoo_entries,
 )
 from ._report import render_markdown, totals
-from ._runner import read_records, run_models
+from ._runner import read_records, run_models, write_records
 
 __all__ = ["run_zoo", "main", "check_model", "build", "ZooRecord", "ZooEntry", "render_markdown", "totals",
-           "read_records", "run_models", "zoo_entries", "default_timm_models", "all_timm_models",
+           "read_records", "write_records", "run_models", "zoo_entries", "default_timm_models", "all_timm_models",
            "torchvision_models", "timm_families", "timm_params", "family_of", "write_timm_params", "has_batchnorm",
            "pin_kinds", "culprit_groups", "invariance_errors", "invariance_reason", "planted_weight_matching",
            "planted_activation_matching", "float64_errors", "invariance_holds", "TOLERANCE", "TOLERANCE_FLOAT64"]
@@ -71,7 +73,8 @@ def run_zoo(models: Iterable[ZooEntry | str] | None, out_md: str | None, *, zoo:
 
     Args:
         models: timm names, ``module:factory`` names or :class:`ZooEntry` objects; None: ``zoo``.
-        out_md: where the report goes (None: no report).
+        out_md: where the report goes (None: no report). Unless ``jsonl`` is given, the records are
+            written beside it (its name with ``.jsonl``), and the report names that file.
         zoo: ``default`` (smallest config of every timm family), ``all`` or ``torchvision``.
         jsonl: append each record to this JSON-lines file as it completes; with ``resume``, models
             it already holds are not run again and its records are reported too.
@@ -109,9 +112,13 @@ def run_zoo(models: Iterable[ZooEntry | str] | None, out_md: str | None, *, zoo:
         full = read_records(full_jsonl) if full_jsonl else None
         note = (f"From `{full_jsonl}` (same checks, one record per config; configs whose parameters alone need more "
                 f"memory than the limit are skipped)." if full_jsonl else "")
-        text = render_markdown(records, title=title or "Model zoo: timm coverage", intro=intro, full=full,
-                               full_expected=len(all_timm_models()) if full is not None else None, full_note=note)
         os.makedirs(os.path.dirname(os.path.abspath(out_md)), exist_ok=True)
+        records_path = jsonl or os.path.splitext(out_md)[0] + ".jsonl"
+        if not jsonl:
+            write_records(records, records_path)
+        text = render_markdown(records, title=title or "Model zoo: timm coverage", intro=intro, full=full,
+                               full_expected=len(all_timm_models()) if full is not None else None, full_note=note,
+                               records_path=records_path, full_path=full_jsonl)
         with open(out_md, "w") as f:
             f.write(text)
     return records

@@ -1,11 +1,12 @@
-"""The zoo report: totals, the models that do not pass and why, one row per model, every pin."""
+"""The zoo report: a summary page to read (totals, what does not pass and why, pins by reason, one row per
+model or family); every record in full, pinned axes included, stays in the JSON-lines file beside it."""
 from __future__ import annotations
 
 import collections
 
 from ._check import TOLERANCE, ZooRecord
 
-__all__ = ["render_markdown", "totals"]
+__all__ = ["render_markdown", "totals", "family_rows", "pin_reasons"]
 
 
 def totals(records: list[ZooRecord]) -> dict[str, int]:
@@ -18,6 +19,34 @@ def totals(records: list[ZooRecord]) -> dict[str, int]:
         "pass": c["pass"], "fail": c["fail"], "error": c["error"], "skip": c["skip"],
         "pass_with_unsupported": sum(r.status == "pass" and bool(r.unsupported) for r in records),
     }
+
+
+def family_rows(records: list[ZooRecord]) -> list[dict]:
+    """One summary per family, by name: configs, counts by status, the group range and the
+    largest eval-mode error of the passing configs, and the smallest passing config (by parameters)."""
+    by_family: dict[str, list[ZooRecord]] = collections.defaultdict(list)
+    for r in records:
+        by_family[r.family].append(r)
+    rows = []
+    for fam, recs in sorted(by_family.items()):
+        c = collections.Counter(r.status for r in recs)
+        ok = [r for r in recs if r.status == "pass"]
+        rows.append({"family": fam, "configs": len(recs), **{s: c[s] for s in ("pass", "fail", "error", "skip")},
+                     "groups": (min(r.groups for r in ok), max(r.groups for r in ok)) if ok else None,
+                     "error_eval": max((r.error_eval for r in ok if r.error_eval is not None), default=None),
+                     "smallest_pass": min(ok, key=lambda r: (r.params, r.name)).name if ok else ""})
+    return rows
+
+
+def pin_reasons(records: list[ZooRecord]) -> list[tuple[str, int, int, str]]:
+    """``(reason, pinned axes, models, first model)`` over ``records``, most axes first."""
+    axes, models, first = collections.Counter(), collections.Counter(), {}
+    for r in records:
+        for kind, n in r.pins.items():
+            axes[kind] += n
+            models[kind] += 1
+            first.setdefault(kind, r.name)
+    return [(k, n, models[k], first[k]) for k, n in axes.most_common()]
 
 
 def _err(e) -> str:
@@ -54,12 +83,67 @@ def _not_passing(records: list[ZooRecord]) -> list[str]:
     return out
 
 
-def render_markdown(records: list[ZooRecord], *, title: str, intro: str = "", full: list[ZooRecord] | None = None,
-                    full_expected: int | None = None, full_note: str = "") -> str:
-    """The report as markdown: totals first, then non-passing models, per-model rows and pins.
+def _pin_table(records: list[ZooRecord]) -> list[str]:
+    rows = pin_reasons(records)
+    if not rows:
+        return ["No axis is pinned."]
+    return (["| reason | pinned axes | models | e.g. |", "|---|---:|---:|---|"]
+            + [f"| {_cell(k)} | {n} | {m} | {first} |" for k, n, m, first in rows])
 
-    ``full`` (records of a run over a larger set, e.g. every timm config) adds its totals and its
-    non-passing models; ``full_expected`` is that set's size, so a partial run says so.
+
+def _family_table(records: list[ZooRecord]) -> list[str]:
+    out = ["| family | configs | pass | fail | error | skip | groups | largest error eval | smallest passing |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for f in family_rows(records):
+        g = "" if f["groups"] is None else (str(f["groups"][0]) if f["groups"][0] == f["groups"][1]
+                                            else f"{f['groups'][0]}–{f['groups'][1]}")
+        out.append(f"| {f['family']} | {f['configs']} | {f['pass']} | {f['fail']} | {f['error']} | {f['skip']} "
+                   f"| {g} | {_err(f['error_eval'])} | {f['smallest_pass']} |")
+    return out
+
+
+def _model_table(records: list[ZooRecord]) -> list[str]:
+    out = [f"*error*: largest relative output change after a random permutation of every group (pass: at most "
+           f"{TOLERANCE:g}); *train* only for models with BatchNorm. *permuted params*: fraction of parameter "
+           "and buffer elements in tensors with at least one permuted axis. *pins*: pinned axes counted by "
+           "reason, the four commonest.", "",
+           "| model | family | status | params | traced | groups | units | permuted params | error eval "
+           "| error train | time (s) | pins |",
+           "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in records:
+        out.append(f"| {r.name} | {r.family} | {r.status} | {r.params / 1e6:.1f}M | {'yes' if r.traced else 'no'} "
+                   f"| {r.groups} | {r.units} | {r.permuted_fraction:.1%} | {_err(r.error_eval)} "
+                   f"| {_err(r.error_train)} | {r.time_s:.1f} | {_cell(_pins(r))} |")
+    return out
+
+
+def _detail(path: str) -> list[str]:
+    return [f"Every record in full (every pinned axis with its reason and graph node, the unsupported ops, the "
+            f"planted-permutation results, timings) is one JSON object per line in `{path}`:", "",
+            "```python",
+            "from autoperm.zoo import read_records",
+            f'records = {{r.name: r for r in read_records("{path}")}}',
+            'print("\\n".join(records[NAME].pinned))   # key:axis (size) reason at node',
+            "```"]
+
+
+def render_markdown(records: list[ZooRecord], *, title: str, intro: str = "", full: list[ZooRecord] | None = None,
+                    full_expected: int | None = None, full_note: str = "", records_path: str | None = None,
+                    full_path: str | None = None) -> str:
+    """The summary page as markdown: totals, the models that do not pass (all of them), passing models
+    with unruled ops or decided in float64, pinned axes by reason, and one row per model (per family
+    when a family has several models). Each pinned axis stays in the records, whose file
+    ``records_path`` the page names.
+
+    ``full`` (records of a run over a larger set, e.g. every timm config, kept in ``full_path``)
+    adds its totals, its non-passing configs and one row per family; ``full_expected`` is that
+    set's size, so a partial run says so.
+
+    >>> rec = ZooRecord("m", "fam", "pass", params=10**6, traced=True, groups=3, error_eval=1e-7,
+    ...                 pins={"model output": 2})
+    >>> page = render_markdown([rec], title="Zoo", records_path="zoo.jsonl")
+    >>> "| m | fam | pass | 1.0M | yes | 3 |" in page, "| model output | 2 | 1 | m |" in page
+    (True, True)
     """
     t = totals(records)
     out = [f"# {title}", "", intro, "", "## Totals", ""] + _totals_table(t) + [""]
@@ -75,26 +159,21 @@ def render_markdown(records: list[ZooRecord], *, title: str, intro: str = "", fu
                 "float32 round-off alone exceeded the tolerance (deep nets, BatchNorm over a batch of 2 in train "
                 "mode); the same check in float64 decided.", ""]
         out += [f"- {r.name}: {r.reason}" for r in f64] + [""]
+    out += ["### Pinned axes by reason", "",
+            "Axes no permutation may move, counted over every model, with the number of models that have them "
+            "and the first such model.", ""] + _pin_table(records) + [""]
     if full is not None:
         ft = totals(full)
         out += ["## Every registered config", "", full_note, ""] + _totals_table(ft, full_expected) + [""]
         out += ["### Configs that do not pass", ""] + _not_passing(full) + [""]
-    out += ["## Per model", "",
-            f"*error*: largest relative output change after a random permutation of every group (pass: at most "
-            f"{TOLERANCE:g}); *train* only for models with BatchNorm. *permuted params*: fraction of parameter "
-            "and buffer elements in tensors with at least one permuted axis. *pins*: pinned axes counted by "
-            "reason (every one listed below).", "",
-            "| model | family | status | params | traced | groups | units | permuted params | error eval "
-            "| error train | time (s) | pins |",
-            "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in records:
-        out.append(f"| {r.name} | {r.family} | {r.status} | {r.params / 1e6:.1f}M | {'yes' if r.traced else 'no'} "
-                   f"| {r.groups} | {r.units} | {r.permuted_fraction:.1%} | {_err(r.error_eval)} "
-                   f"| {_err(r.error_train)} | {r.time_s:.1f} | {_cell(_pins(r))} |")
-    out += ["", "## Every pinned axis, per model", "",
-            "Each line: state-dict key, axis, number of indices pinned, reason (with the graph node).", ""]
-    for r in records:
-        if r.pinned:
-            out += [f"<details><summary>{r.name}: {len(r.pinned)} pinned</summary>", "", "```"]
-            out += r.pinned + ["```", "</details>", ""]
+        out += ["### Per family", "",
+                "*groups*: fewest and most permutation groups of a passing config; *largest error eval*: over "
+                "the passing configs." + (f" Each config's record is in `{full_path}`." if full_path else ""),
+                ""] + _family_table(full) + [""]
+    several = len({r.family for r in records}) < len(records) and len({r.family for r in records}) > 1
+    if several:
+        out += ["## Per family", ""] + _family_table(records) + [""]
+    out += ["## Per model", ""] + _model_table(records) + [""]
+    if records_path:
+        out += ["## Detail", ""] + _detail(records_path)
     return "\n".join(out).rstrip() + "\n"

@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 from ._check import ZooRecord, check_model
 from ._registry import ZooEntry, timm_params
 
-__all__ = ["run_models", "read_records", "BYTES_PER_PARAM"]
+__all__ = ["run_models", "read_records", "write_records", "BYTES_PER_PARAM"]
 
 # Peak memory per parameter of a check: the model, the two copies check_invariance permutes, a
 # permuted state dict and the matchers' working copies, all float32.
@@ -87,6 +87,13 @@ def read_records(path: str) -> list[ZooRecord]:
                     d = json.loads(line)
                     out[d["name"]] = ZooRecord(**{k: v for k, v in d.items() if k in names})
     return list(out.values())
+
+
+def write_records(records: list[ZooRecord], path: str) -> None:
+    """Write ``records`` to ``path`` as JSON lines (replacing the file), the form :func:`read_records` reads."""
+    with open(path, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec.to_dict()) + "\n")
 
 
 def _too_large(entry: ZooEntry, memory_gb: float | None) -> ZooRecord | None:
