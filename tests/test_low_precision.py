@@ -105,6 +105,39 @@ def test_wrong_permutation_fails_in_every_dtype(dtype, upcast):
     assert re.fullmatch(_failure_message(dtype), str(v)), str(v)
 
 
+def test_float64_decides_where_float32_round_off_exceeds_the_tolerance():
+    a, b, x, _ = _planted("convnet", torch.float32)  # (Llama's RMSNorm computes in float32 whatever its dtype)
+    v = same_function(a, a.state_dict(), b.state_dict(), x, tol=1e-9)  # float32 round-off is about 1e-7
+    assert v.ok and v.dtype == torch.float64 and v.tolerance == 1e-9 and v.float32_change > 1e-9 > v.change
+    assert "in float64 copies of the float32 weights (float32: " in str(v)
+
+
+class _Bf16Only(torch.nn.Module):
+    """Runs in bfloat16 only, as kernels written for one dtype do."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 16), torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        if x.dtype != torch.bfloat16:
+            raise TypeError(f"expected bfloat16 input, got {x.dtype}")
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_model_that_cannot_run_wider_is_decided_in_its_own_dtype():
+    model = autoperm.randomize_(_Bf16Only()).bfloat16().eval()
+    x = torch.randn(8, 4).bfloat16()
+    spec = autoperm.infer_spec(model, x)
+    good = autoperm.apply_permutation(spec, autoperm.random_permutation(spec, 1), model.state_dict())
+    v = same_function(model, model.state_dict(), good, x)
+    assert v.ok and v.dtype == torch.bfloat16 and v.tolerance == max(1e-4, 3 * v.floor)
+    bad = dict(good)
+    bad["a.weight"] = bad["a.weight"].flip(0)  # hidden units moved without b's columns
+    v = same_function(model, model.state_dict(), bad, x)
+    assert not v.ok and v.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("dtype", LOW, ids=_ids)
 def test_check_invariance_of_a_low_precision_model(dtype):
     model, x = _convnet()
