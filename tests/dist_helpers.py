@@ -130,7 +130,7 @@ def match(rank, world, timeout):
     out = {name: _pipeline(name, dist.group.WORLD) for name in MODELS}
     if rank == 0:
         out["alone"] = {name: _pipeline(name, None) for name in MODELS}
-    out["mismatch"] = mismatch(rank, world)
+    out["mismatch"] = mismatch(rank, world, timeout)
     return out
 
 
@@ -156,7 +156,7 @@ def rank_hangs(rank, world, timeout):
                                     process_group=dist.group.WORLD)
 
 
-def mismatch(rank, world):
+def mismatch(rank, world, timeout):
     """Rank 1 holds a wider MLP (another spec), or the same architecture with other weights."""
     import autoperm
     import torch.distributed as dist
@@ -172,6 +172,16 @@ def mismatch(rank, world):
             out[what] = None
         except ValueError as e:
             out[what] = str(e)
+    spec, a, b, _ = setup("mlp", n_batches=2)
+    keys = [k for k in list(a.state_dict())[rank::world] if k != "2.bias"]  # no rank holds 2.bias
+    try:
+        autoperm.weight_matching(spec, {k: a.state_dict()[k] for k in keys}, {k: b.state_dict()[k] for k in keys},
+                                 progress=False, process_group=dist.group.WORLD)
+        out["missing"] = None
+    except ValueError as e:
+        out["missing"] = str(e)
+    from autoperm import distributed
+    distributed.barrier(dist.group.WORLD, timeout=timeout)
     return out
 
 

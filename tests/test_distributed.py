@@ -47,6 +47,7 @@ def test_ranks_find_what_one_process_finds(world):
         assert "rank 1: spec" in out["mismatch"]["spec"]
         assert "rank 1: state_a values" in out["mismatch"]["weights"]
         assert "rank 2" not in out["mismatch"]["weights"]
+        assert out["mismatch"]["missing"] == "no rank holds '2.bias'"
 
 
 def test_a_rank_that_dies_is_an_error_on_the_others():
