@@ -130,8 +130,23 @@ def match(rank, world, timeout):
     out = {name: _pipeline(name, dist.group.WORLD) for name in MODELS}
     if rank == 0:
         out["alone"] = {name: _pipeline(name, None) for name in MODELS}
+    out["ste"] = ste(dist.group.WORLD)
+    if rank == 0:  # one process, each step on the ranks' batches of that step together
+        batches = setup("mlp")[3]
+        out["alone"]["ste"] = ste(None, [tuple(torch.cat(t) for t in zip(*batches[i:i + world]))
+                                         for i in range(0, len(batches), world)])
     out["mismatch"] = mismatch(rank, world, timeout)
     return out
+
+
+def ste(group, batches=None):
+    """Straight-through matching of the MLPs, 4 steps."""
+    import autoperm
+    from autoperm import distributed
+    spec, a, b, all_batches = setup("mlp")
+    mine = list(distributed.shard(all_batches, group)) if batches is None else batches
+    return autoperm.ste_matching(spec, a, b, mine, nn.functional.cross_entropy, steps=4, lr=0.05,
+                                 process_group=group, progress=False)
 
 
 def rank_dies(rank, world, timeout):
