@@ -131,12 +131,31 @@ def match(rank, world, timeout):
     if rank == 0:
         out["alone"] = {name: _pipeline(name, None) for name in MODELS}
     out["ste"] = ste(dist.group.WORLD)
+    out["folder"] = folder_weight(dist.group.WORLD)
     if rank == 0:  # one process, each step on the ranks' batches of that step together
         batches = setup("mlp")[3]
         out["alone"]["ste"] = ste(None, [tuple(torch.cat(t) for t in zip(*batches[i:i + world]))
                                          for i in range(0, len(batches), world)])
     out["mismatch"] = mismatch(rank, world, timeout)
     return out
+
+
+def folder_weight(group):
+    """Weight matching of the ResNets from a folder of 3 safetensors shards per model, each rank
+    reading its own shard files (every rank writes the folder in a directory of its own)."""
+    import autoperm
+    from autoperm import distributed
+    from safetensors.torch import load_file, save_file
+    spec, a, b, _ = setup("resnet")
+    with tempfile.TemporaryDirectory() as folder:
+        for name, model in (("a", a), ("b", b)):
+            state = model.state_dict()
+            for i in range(3):
+                save_file({k: state[k].contiguous() for k in list(state)[i::3]}, f"{folder}/{name}-{i}.safetensors")
+        mine = list(distributed.shard(range(3), group))
+        state_a = {k: v for i in mine for k, v in load_file(f"{folder}/a-{i}.safetensors").items()}
+        state_b = {k: v for i in mine for k, v in load_file(f"{folder}/b-{i}.safetensors").items()}
+    return autoperm.weight_matching(spec, state_a, state_b, progress=False, process_group=group)
 
 
 def ste(group, batches=None):

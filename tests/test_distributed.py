@@ -42,6 +42,8 @@ def test_ranks_find_what_one_process_finds(world):
                 assert abs(got["curve"][metric] - values).max() < 1e-5, (name, r, metric)
             if r:  # every rank holds the same curve
                 assert all((got["curve"][m] == ranks[0][name]["curve"][m]).all() for m in got["curve"])
+    for out in ranks:  # weight matching, each rank reading its own safetensors shards of a folder
+        assert all(torch.equal(out["folder"][g], p) for g, p in alone["resnet"]["weight"].items())
     for out in ranks:  # straight-through matching: gradients averaged over the ranks
         assert all(torch.equal(out["ste"][g], p) for g, p in alone["ste"].items())
     for out in ranks:  # then rank 1 held a wider model, then other weights: every rank raised
