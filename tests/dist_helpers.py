@@ -132,6 +132,11 @@ def match(rank, world, timeout):
         out["alone"] = {name: _pipeline(name, None) for name in MODELS}
     out["ste"] = ste(dist.group.WORLD)
     out["folder"] = folder_weight(dist.group.WORLD)
+    out["idle"] = idle_rank(rank, world, dist.group.WORLD)
+    if rank == 0:  # one process on the batches of the busy ranks
+        spec, a, b, batches = setup("mlp")
+        busy = [x for i, x in enumerate(batches) if i % world != world - 1]
+        out["alone"]["idle"] = idle_rank(0, 1, None, busy)
     if rank == 0:  # one process, each step on the ranks' batches of that step together
         batches = setup("mlp")[3]
         out["alone"]["ste"] = ste(None, [tuple(torch.cat(t) for t in zip(*batches[i:i + world]))
@@ -156,6 +161,19 @@ def folder_weight(group):
         state_a = {k: v for i in mine for k, v in load_file(f"{folder}/a-{i}.safetensors").items()}
         state_b = {k: v for i in mine for k, v in load_file(f"{folder}/b-{i}.safetensors").items()}
     return autoperm.weight_matching(spec, state_a, state_b, progress=False, process_group=group)
+
+
+def idle_rank(rank, world, group, batches=None):
+    """Activation matching and REPAIR statistics of the MLPs with the last rank holding no batch."""
+    import autoperm
+    from autoperm import distributed
+    from autoperm.barrier import Repair
+    spec, a, b, all_batches = setup("mlp")
+    mine = list(distributed.shard(all_batches, group)) if batches is None else batches
+    mine = [] if world > 1 and rank == world - 1 else mine
+    perm = autoperm.activation_matching(spec, a, b, mine, progress=False, process_group=group)
+    rep = Repair(a, a.state_dict(), b.state_dict(), mine, modules=["0", "2"], process_group=group)
+    return perm, rep.stats_a
 
 
 def ste(group, batches=None):

@@ -44,6 +44,13 @@ def test_ranks_find_what_one_process_finds(world):
                 assert all((got["curve"][m] == ranks[0][name]["curve"][m]).all() for m in got["curve"])
     for out in ranks:  # weight matching, each rank reading its own safetensors shards of a folder
         assert all(torch.equal(out["folder"][g], p) for g, p in alone["resnet"]["weight"].items())
+    for out in ranks:  # a rank with no batch adds nothing
+        perm, stats = out["idle"]
+        ref_perm, ref_stats = alone["idle"]
+        assert all(torch.equal(perm[g], p) for g, p in ref_perm.items())
+        for layer, (mean, std) in ref_stats.items():
+            torch.testing.assert_close(stats[layer][0], mean, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(stats[layer][1], std, rtol=1e-12, atol=1e-12)
     for out in ranks:  # straight-through matching: gradients averaged over the ranks
         assert all(torch.equal(out["ste"][g], p) for g, p in alone["ste"].items())
     for out in ranks:  # then rank 1 held a wider model, then other weights: every rank raised

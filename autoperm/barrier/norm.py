@@ -208,7 +208,8 @@ def _measure(model: nn.Module, names: Sequence[str], batches: Iterable, renorm=N
         counts = torch.tensor([float(m.n) for m in moments.values()], dtype=torch.float64)
         for n, m in moments.items():
             if not m.n:
-                m.s = m.ss = torch.zeros(modules[n].bias.shape[0], dtype=torch.float64, device=modules[n].bias.device)
+                m.s, m.ss = (torch.zeros(modules[n].bias.shape[0], dtype=torch.float64, device=modules[n].bias.device)
+                             for _ in range(2))
         all_reduce_([counts] + [t for m in moments.values() for t in (m.s, m.ss)], process_group)
         for m, c in zip(moments.values(), counts.tolist()):
             m.n = int(c)
