@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .._load import load_state_
+from ..distributed import reduce_sum
 from ._state import interpolate_states
 from .metrics import BARRIER_KINDS, barrier_height, default_lambdas
 from .norm import Repair, as_reiterable, reset_bn_stats
@@ -94,7 +95,7 @@ def _as_metrics(result) -> dict:
 def interpolation_curve(model: nn.Module, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor],
                         evaluate: Callable[[nn.Module], object], lambdas: Sequence[float] | None = None, *,
                         reset_bn: Iterable | None = None, repair: Iterable | Repair | None = None,
-                        keys: Collection[str] | None = None) -> Curve:
+                        keys: Collection[str] | None = None, process_group=None) -> Curve:
     """Evaluate the models ``(1−λ)·state_a + λ·state_b`` along a grid of ``λ``.
 
     ``state_b`` should already be aligned to ``state_a`` (``apply_permutation(spec, perm,
@@ -113,6 +114,10 @@ def interpolation_curve(model: nn.Module, state_a: Mapping[str, torch.Tensor], s
         repair: batches (or a prepared :class:`Repair`) to REPAIR every interpolated model with;
             applied after ``reset_bn``.
         keys: interpolate only these keys and hold the rest at A (layer-wise barriers).
+        process_group: a ``torch.distributed`` process group; each rank passes its own shard of the
+            ``reset_bn`` and ``repair`` batches, whose statistics are summed over the ranks, and
+            an ``evaluate`` that returns the metrics of all ranks' data (``evaluator(..., process_group=...)`` on
+            each rank's shard does). Every rank returns the same curve.
 
     Returns:
         a :class:`Curve` with one array per metric.
@@ -129,12 +134,12 @@ def interpolation_curve(model: nn.Module, state_a: Mapping[str, torch.Tensor], s
     if reset_bn is not None:
         reset_bn = as_reiterable(reset_bn)
     if repair is not None and not isinstance(repair, Repair):
-        repair = Repair(work, state_a, state_b, repair)
+        repair = Repair(work, state_a, state_b, repair, process_group=process_group)
     rows: list[dict] = []
     for t in lam:
         load_state_(work, interpolate_states(state_a, state_b, float(t), keys))
         if reset_bn is not None:
-            reset_bn_stats(work, reset_bn)
+            reset_bn_stats(work, reset_bn, process_group=process_group)
         if repair is not None:
             repair(work, float(t))
         with torch.no_grad():
@@ -145,7 +150,7 @@ def interpolation_curve(model: nn.Module, state_a: Mapping[str, torch.Tensor], s
     return Curve(lam, {n: np.array([r[n] for r in rows]) for n in names})
 
 
-def evaluator(data, loss_fn: Callable = nn.functional.cross_entropy, batch_size: int = 1000) -> Callable:
+def evaluator(data, loss_fn: Callable = nn.functional.cross_entropy, batch_size: int = 1000, process_group=None) -> Callable:
     """An ``evaluate`` for classifiers: mean loss and accuracy on one or several splits.
 
     Args:
@@ -154,6 +159,9 @@ def evaluator(data, loss_fn: Callable = nn.functional.cross_entropy, batch_size:
             ``"train_acc"``, ``"test_loss"``, ...; or an ``autoperm.data.Dataset`` (train and test).
         loss_fn: ``loss_fn(logits, y)``, a mean over the batch (default cross-entropy).
         batch_size: evaluation batch size.
+        process_group: a ``torch.distributed`` process group; each rank passes its own shard of the data,
+            loss sums, hits and counts are summed over the ranks, and every rank gets the metrics
+            of the whole data.
 
     The returned function puts the model in eval mode, runs without gradients, and restores the
     model's mode.
@@ -178,9 +186,10 @@ def evaluator(data, loss_fn: Callable = nn.functional.cross_entropy, batch_size:
                     logits = model(xb)
                     tot_loss += float(loss_fn(logits, yb)) * len(xb)
                     correct += int((logits.argmax(-1) == yb).sum())
+                tot_loss, correct, count = reduce_sum([tot_loss, correct, len(x)], process_group)
                 prefix = f"{name}_" if name else ""
-                out[prefix + "loss"] = tot_loss / len(x)
-                out[prefix + "acc"] = correct / len(x)
+                out[prefix + "loss"] = tot_loss / count
+                out[prefix + "acc"] = correct / count
         finally:
             model.train(was)
         return out

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .._load import load_state_
+from ..distributed import all_reduce_
 
 __all__ = ["reset_bn_stats", "has_batchnorm", "Repair", "repair_points", "as_reiterable"]
 
@@ -45,13 +46,18 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def reset_bn_stats(model: nn.Module, batches: Iterable) -> nn.Module:
+def reset_bn_stats(model: nn.Module, batches: Iterable, process_group=None) -> nn.Module:
     """Recompute every BatchNorm layer's running mean and variance on ``batches``, in place.
 
     Each BatchNorm layer's statistics are reset and re-estimated as the plain average over the
     batches (momentum ``None``), with the rest of the model in eval mode (dropout off). Weights
     and biases are not touched; ``num_batches_tracked`` ends at the number of batches. Modes
     and momenta are restored afterwards. A model without BatchNorm is returned unchanged.
+
+    With a ``torch.distributed`` ``process_group``, each rank passes its own shard of the batches
+    (``autoperm.distributed.shard``): each layer's statistics, weighted by its batch count, are
+    summed over the ranks, and every rank ends with the average over all the batches, as one
+    process would find on them.
 
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     >>> _ = reset_bn_stats(net, [torch.randn(64, 3) * 5 + 2])
@@ -72,6 +78,8 @@ def reset_bn_stats(model: nn.Module, batches: Iterable) -> nn.Module:
     for batch in batches:
         model(_input(batch))
         seen += 1
+    if process_group is not None:
+        seen = _all_reduce_bn(bns, seen, process_group)
     for m, mom in zip(bns, momenta):
         m.momentum = mom
     for m, mode in modes.items():
@@ -79,6 +87,24 @@ def reset_bn_stats(model: nn.Module, batches: Iterable) -> nn.Module:
     if seen == 0:
         raise ValueError("reset_bn_stats got no batches")
     return model
+
+
+def _all_reduce_bn(bns: Sequence[nn.Module], seen: int, group) -> int:
+    """Average the layers' running statistics over the ranks, weighted by their batch counts; returns
+    the batches seen by all."""
+    sums = [torch.tensor([float(seen)], dtype=torch.float64)]
+    for m in bns:
+        count = float(m.num_batches_tracked)
+        sums += [m.running_mean.double() * count, m.running_var.double() * count,
+                 torch.tensor([count], dtype=torch.float64, device=m.running_mean.device)]
+    all_reduce_(sums, group)
+    for k, m in enumerate(bns):
+        mean, var, count = sums[1 + 3 * k: 4 + 3 * k]
+        if count.item():
+            m.running_mean.copy_(mean / count)
+            m.running_var.copy_(var / count)
+        m.num_batches_tracked.fill_(int(count.item()))
+    return int(sums[0].item())
 
 
 # -- REPAIR -------------------------------------------------------------------------------
@@ -143,11 +169,12 @@ class _Moments:
         return mean, var.sqrt()
 
 
-def _measure(model: nn.Module, names: Sequence[str], batches: Iterable, renorm=None) -> dict:
+def _measure(model: nn.Module, names: Sequence[str], batches: Iterable, renorm=None, process_group=None) -> dict:
     """Per-channel mean and std of each named module's output over ``batches`` (model in eval mode).
 
     With ``renorm`` (name → (goal mean, goal std)), each output is also replaced, batch by batch,
     by its batch-normalised value rescaled to the goal, so later layers see repaired inputs.
+    With a ``process_group``, the sums are taken over the ranks' batches.
     """
     modules = dict(model.named_modules())
     moments = {n: _Moments() for n in names}
@@ -177,6 +204,15 @@ def _measure(model: nn.Module, names: Sequence[str], batches: Iterable, renorm=N
         model.train(was)
         for h in hooks:
             h.remove()
+    if process_group is not None:
+        counts = torch.tensor([float(m.n) for m in moments.values()], dtype=torch.float64)
+        for n, m in moments.items():
+            if not m.n:
+                m.s, m.ss = (torch.zeros(modules[n].bias.shape[0], dtype=torch.float64, device=modules[n].bias.device)
+                             for _ in range(2))
+        all_reduce_([counts] + [t for m in moments.values() for t in (m.s, m.ss)], process_group)
+        for m, c in zip(moments.values(), counts.tolist()):
+            m.n = int(c)
     if any(m.n == 0 for m in moments.values()):
         raise ValueError("REPAIR: some layers never ran on the batches (or no batches were given)")
     return {n: m.mean_std() for n, m in moments.items()}
@@ -203,6 +239,8 @@ class Repair:
         batches: a re-iterable of input batches (a generator is turned into a list).
         modules: names of the layers to repair; default :func:`repair_points`.
         eps: added to the measured standard deviation before dividing by it.
+        process_group: a ``torch.distributed`` process group; each rank passes its own shard of the
+            batches, the statistics (here and at every call) are summed over the ranks.
 
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> a, b = net.state_dict(), {k: v + 0.1 for k, v in net.state_dict().items()}
@@ -212,7 +250,7 @@ class Repair:
     """
 
     def __init__(self, model: nn.Module, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor],
-                 batches: Iterable, modules: Sequence[str] | None = None, eps: float = 1e-5):
+                 batches: Iterable, modules: Sequence[str] | None = None, eps: float = 1e-5, process_group=None):
         self.batches = as_reiterable(batches)
         work = copy.deepcopy(model)
         if modules is None:
@@ -222,11 +260,11 @@ class Repair:
             if n not in named or not _foldable(named[n]):
                 raise ValueError(f"REPAIR cannot rescale {n!r}: it needs a module with a per-channel weight and bias")
         self.modules = list(modules)
-        self.eps = eps
+        self.eps, self.group = eps, process_group
         load_state_(work, state_a)
-        self.stats_a = _measure(work, self.modules, self.batches)
+        self.stats_a = _measure(work, self.modules, self.batches, process_group=process_group)
         load_state_(work, state_b)
-        self.stats_b = _measure(work, self.modules, self.batches)
+        self.stats_b = _measure(work, self.modules, self.batches, process_group=process_group)
 
     def goal(self, lam: float) -> dict:
         """Per layer, the goal ``(mean, std)`` at ``lam``."""
@@ -236,7 +274,7 @@ class Repair:
     @torch.no_grad()
     def __call__(self, model: nn.Module, lam: float) -> nn.Module:
         goal = self.goal(lam)
-        measured = _measure(model, self.modules, self.batches, renorm=goal)
+        measured = _measure(model, self.modules, self.batches, renorm=goal, process_group=self.group)
         named = dict(model.named_modules())
         for n in self.modules:
             mod, (mean, std), (g_mean, g_std) = named[n], measured[n], goal[n]

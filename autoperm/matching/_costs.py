@@ -333,12 +333,18 @@ def _changes(u: Unit, a: torch.Tensor, old: list, new: list) -> tuple[float, lis
 
 @torch.no_grad()
 def objective(spec: PermutationSpec, state_a, state_b, perm, keys=None) -> float:
-    """``Σ_keys <A, P(B)>`` (float64) over ``keys`` (default: every tensor that carries a group)."""
+    """``Σ_keys <A, P(B)>`` (float64) over ``keys`` (default: every tensor that carries a group).
+
+    Over a state sharded across ranks (``_sharded.ShardedState``), each rank sums its own keys
+    and the total is summed over the ranks."""
     total = 0.0
+    local = getattr(state_a, "local", None)
     for key in keys if keys is not None else [k for k, ex in spec.axes.items() if any(ex)]:
+        if local is not None and key not in local:
+            continue
         b = state_b[key]
         for axis, e in enumerate(spec.axes[key]):
             if walk_groups(e):
                 b = b.index_select(axis, leaf_index(spec, e, perm).to(b.device))
         total += float(torch.sum(state_a[key] * b, dtype=torch.float64))
-    return total
+    return total if local is None else state_a.reduce_sum(total)

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from .._float64 import float64_inputs, float64_model, is_float64
 from ..barrier.norm import _input as batch_input
+from ..distributed import all_reduce_, broadcast_permutation, check_same, rank
 from ..permutation import Permutation
 from ..spec import PermutationSpec, walk_groups
 from ._costs import check_states
@@ -159,7 +160,7 @@ def _tied(cost: np.ndarray, p: np.ndarray, rtol: float = 1e-9, unc: np.ndarray |
 
 @torch.no_grad()
 def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batches: Iterable, *,
-                        progress: bool | None = None, seed: int = 0) -> Permutation:
+                        progress: bool | None = None, seed: int = 0, process_group=None) -> Permutation:
     """The permutation of ``model_b``'s groups that best correlates its activations with ``model_a``'s.
 
     Both models run in eval mode on the same batches (their modes are restored). For every
@@ -185,6 +186,11 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
         batches: inputs, or tuples whose first element is the input (``(x, y)``), on the models' device.
         progress: show a progress bar (None: only on a terminal, after 2 s).
         seed: the visiting order of the weight-matching fallback.
+        process_group: a ``torch.distributed`` process group; each rank passes its own shard of the
+            batches (``autoperm.distributed.shard``) and the same models. The sums are
+            all-reduced and every rank returns the permutation one process finds on all the
+            batches; the round-off estimate is rank 0's first batch (with ``shard``, the first
+            batch). A rank holding other models or another spec: ValueError on every rank.
 
     Returns:
         ``{group: LongTensor}`` on the CPU; ``apply_permutation(spec, perm, model_b.state_dict())``
@@ -200,10 +206,11 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
     """
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     check_states(spec, state_a=state_a, state_b=state_b)
+    check_same(process_group, spec, state_a=state_a, state_b=state_b)
     sites = activation_sites(spec, model_a)
     stats = {name: _Stats() for name in sites}
     captured: dict = {}
-    ref = None if is_float64(model_a) else float64_model(model_a).eval()  # made before the hooks, which a copy would carry
+    ref = None if is_float64(model_a) or rank(process_group) else float64_model(model_a).eval()  # made before the hooks, which a copy would carry
     modules_a, modules_b = dict(model_a.named_modules()), dict(model_b.named_modules())
 
     def hook(which, name):
@@ -254,6 +261,8 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
             h.remove()
         for m, mode in modes.items():
             m.training = mode
+    if process_group is not None:
+        seen = _all_reduce_stats(stats, sites, spec, seen, process_group)
     if not seen:
         raise ValueError("activation_matching needs at least one batch")
 
@@ -276,4 +285,25 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
     rest = [g for g in spec.group_sizes if g not in cost]
     if rest:
         perm = descend_groups(spec, state_a, state_b, perm, set(rest), seed=seed, progress=progress)
-    return perm
+    return perm if process_group is None else broadcast_permutation(perm, process_group)
+
+
+def _all_reduce_stats(stats: dict, sites: dict, spec: PermutationSpec, seen: int, group) -> int:
+    """Sum every site's statistics over the ranks of ``group`` (in place); returns the batches seen by all."""
+    counts = torch.tensor([seen] + [v for s in stats.values() for v in (s.n, s.n_noise)], dtype=torch.float64)
+    tensors = [counts]
+    for name, s in stats.items():
+        n = spec.group_sizes[sites[name]]
+        if s.sab is None:
+            z = torch.zeros(n, dtype=torch.float64)
+            s.sa, s.sb, s.saa, s.sbb, s.sab = z.clone(), z.clone(), z.clone(), z.clone(), torch.zeros(n, n, dtype=torch.float64)
+        if s.snoise is None:
+            s.snoise = torch.zeros(n, dtype=torch.float64, device=s.sa.device)
+        tensors += [s.sa, s.sb, s.saa, s.sbb, s.sab, s.snoise]
+    all_reduce_(tensors, group)
+    values = [int(v) for v in counts.tolist()]
+    for k, s in enumerate(stats.values()):
+        s.n, s.n_noise = values[1 + 2 * k], values[2 + 2 * k]
+        if not s.n_noise:
+            s.snoise = None
+    return values[0]

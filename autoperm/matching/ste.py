@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from ..barrier.norm import _input as batch_input, as_reiterable
 from ..permutation import Permutation, apply_permutation
 from ..spec import PermutationSpec
+from ..distributed import all_reduce_, broadcast_permutation, check_same, world_size
 from ._costs import check_states
 from .weight import weight_matching
 
@@ -19,7 +20,8 @@ __all__ = ["ste_matching"]
 
 
 def ste_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batches: Iterable,
-                 loss_fn: Callable, *, steps: int, lr: float, seed: int = 0, progress: bool | None = None) -> Permutation:
+                 loss_fn: Callable, *, steps: int, lr: float, seed: int = 0, progress: bool | None = None,
+                 process_group=None) -> Permutation:
     """The permutation of ``model_b`` whose midpoint with ``model_a`` has a low loss on ``batches``.
 
     A free copy W̃ of the weights (initialised at A's, as in the reference code, so the first
@@ -41,6 +43,10 @@ def ste_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, 
         lr: Adam's learning rate.
         seed: the visiting order of every projection.
         progress: show a progress bar (None: only on a terminal, after 2 s).
+        process_group: a ``torch.distributed`` process group; each rank passes its own shard of
+            the batches and the same models, and every step averages the ranks' gradients (as
+            one process would on the step's batches of all ranks together, for a loss that is a
+            mean over equal batches); every rank returns the same permutation.
 
     Returns:
         ``{group: LongTensor}`` on the CPU, the projection of the final W̃;
@@ -51,6 +57,7 @@ def ste_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, 
     state_a = {k: v.detach() for k, v in model_a.state_dict().items()}
     state_b = {k: v.detach() for k, v in model_b.state_dict().items()}
     check_states(spec, state_a=state_a, state_b=state_b)
+    check_same(process_group, spec, state_a=state_a, state_b=state_b)
     params = {name for name, _ in model_a.named_parameters()}
     learn = {k: state_a[k].clone().requires_grad_() for k, ex in spec.axes.items() if k in params and any(ex)}
     fixed_mid = {k: (0.5 * (state_a[k] + state_b[k]) if state_a[k].is_floating_point() else state_a[k])
@@ -81,5 +88,17 @@ def ste_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, 
         loss = loss_fn(out, *targets)
         opt.zero_grad()
         loss.backward()
+        if process_group is not None:
+            _average_gradients(list(learn.values()), process_group)
         opt.step()
-    return project(perm)
+    return broadcast_permutation(project(perm), process_group)
+
+
+def _average_gradients(params: list, group) -> None:
+    """Each parameter's gradient averaged over the ranks (a missing one counts as zero)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_reduce_([p.grad for p in params], group)
+    for p in params:
+        p.grad /= world_size(group)

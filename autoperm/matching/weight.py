@@ -11,7 +11,9 @@ from tqdm.auto import tqdm
 from ..permutation import Permutation, validate_permutation
 from ..spec import PermutationSpec
 from ._costs import CostCache, Layout, build_layout, check_states, objective
+from ..distributed import broadcast_permutation
 from ._lap import solve_numpy
+from ._sharded import ShardedCostCache, ShardedState, shard_states
 
 __all__ = ["weight_matching", "descend_groups"]
 
@@ -19,7 +21,7 @@ __all__ = ["weight_matching", "descend_groups"]
 @torch.no_grad()
 def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor],
                     *, max_iter: int = 100, seed: int = 0, init: Permutation | None = None, restarts: int = 1,
-                    progress: bool | None = None) -> Permutation:
+                    progress: bool | None = None, process_group=None) -> Permutation:
     """The permutation of ``state_b``'s groups that best aligns it to ``state_a``, using no data.
 
     Maximises ``Σ <A, P(B)>`` over every tensor the spec permutes by coordinate descent: visit
@@ -44,6 +46,10 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], 
         restarts: run this many visiting orders and keep the one with the best objective (a
             single order can stall in a poor local optimum).
         progress: show a progress bar (None: only on a terminal, after 2 s).
+        process_group: a ``torch.distributed`` process group over which the state dicts are sharded by
+            key (each rank passes the keys it holds, of A and the same keys of B; see
+            ``autoperm.distributed``). Every cost matrix is summed over the ranks and every rank
+            returns the permutation one process finds on the whole state dicts.
 
     Returns:
         ``{group: LongTensor}`` on the CPU; ``apply_permutation(spec, perm, state_b)`` is B aligned to A.
@@ -65,13 +71,17 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], 
     the group size, ``rest`` the tensor's other elements) and one ``n × n`` assignment per group;
     a group none of whose neighbours changed since its last solve is not solved again.
     """
-    check_states(spec, state_a=state_a, state_b=state_b)
+    if process_group is not None:
+        state_a, state_b = shard_states(spec, state_a, state_b, process_group)
+    else:
+        check_states(spec, state_a=state_a, state_b=state_b)
     if init is not None:
         validate_permutation(spec, init)
     if restarts < 1 or max_iter < 0:
         raise ValueError("restarts must be >= 1 and max_iter >= 0")
-    return descend_groups(spec, state_a, state_b, init, None, max_iter=max_iter, seed=seed, restarts=restarts,
+    perm = descend_groups(spec, state_a, state_b, init, None, max_iter=max_iter, seed=seed, restarts=restarts,
                           progress=progress, unknown=None if init is None else ())
+    return perm if process_group is None else broadcast_permutation(perm, process_group)
 
 
 def descend_groups(spec, state_a, state_b, init, only, *, max_iter=100, seed=0, restarts=1, progress=None,
@@ -98,7 +108,8 @@ def descend_groups(spec, state_a, state_b, init, only, *, max_iter=100, seed=0, 
     bar = tqdm(total=restarts * max_iter, desc="weight matching", unit="sweep", leave=False,
                disable=(None if progress is None else not progress), delay=2.0 if progress is None else 0.0)
     for restart in range(restarts):
-        costs = CostCache(spec, state_a, state_b, dtype, _kept(spec, layout, state_a, dtype, budget))
+        cache = ShardedCostCache if isinstance(state_a, ShardedState) else CostCache
+        costs = cache(spec, state_a, state_b, dtype, _kept(spec, layout, state_a, dtype, budget))
         rng = random.Random(f"{seed}:{restart}")
         perm, solved = _seed(spec, layout, unknown, costs, dict(start), rng)
         perm = _descend(spec, layout, groups, costs, perm, rng, max_iter, bar, restart,
