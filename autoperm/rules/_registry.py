@@ -24,8 +24,8 @@ def _keys(target, missing_ok: bool) -> list[object]:
             op = getattr(getattr(torch.ops, ns), packet)
             return [getattr(op, overload)] if overload else [op]
         except (AttributeError, RuntimeError):
-            if missing_ok:
-                return []
+            if missing_ok:  # an op a library registers later (a custom op): matched by name
+                return [target]
             raise ValueError(f"no op named {target!r} in this torch") from None
     return [target]
 
@@ -67,7 +67,9 @@ def get_rule(target) -> Callable | None:
     if target in _RULES:
         return _RULES[target]
     packet = getattr(target, "overloadpacket", None)
-    return _RULES.get(packet) if packet is not None else None
+    if packet is None:
+        return None
+    return _RULES.get(packet) or _RULES.get(str(target)) or _RULES.get(str(packet))
 
 
 def is_registered(target) -> bool:
