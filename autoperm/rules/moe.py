@@ -245,76 +245,73 @@ _ROWWISE_DIM = {"chunk", "split", "split_with_sizes", "slice", "narrow", "softma
 _NORMS = {"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"}
 
 
+_DEBUG = False
+
+
 def _routed_region(sort_node: Node) -> bool:
     """True when every op reached from the sort's outputs keeps rows apart and in step (row-wise ops, indexing
     other tensors by the sorted rows, grouped matmuls with this sort's offsets, histograms) until an index by
     the inverse permutation puts rows back in their original order. Only then may the sorted axis move."""
     rows = int(sort_node.meta["val"][0].shape[0])
     region: set = set()
-    stack = []
-    for u in sort_node.users:
-        if u.target is not operator.getitem:
-            return False
-        region.add(u)
-        stack.append(u)
     inverses: set = set()
 
     def rowed(n) -> bool:
         v = n.meta.get("val") if isinstance(n, Node) else None
         return isinstance(v, torch.Tensor) and v.dim() >= 1 and int(v.shape[0]) == rows
 
-    while stack:
-        n = stack.pop()
-        for u in list(n.users):
-            if u in region:
+    after = False
+    for u in sort_node.graph.nodes:
+        if u is sort_node:
+            after = True
+            continue
+        ins = [a for a in u.all_input_nodes if a in region or a is sort_node]
+        if not after or not ins:
+            continue
+        n = ins[0]
+        name = _name(u)
+        val = u.meta.get("val")
+        ok = False
+        if n is sort_node:
+            ok = u.target is operator.getitem and len(ins) == 1
+        elif u.target is operator.getitem or name in _CASTS:
+            ok = len(ins) == 1
+        elif name == "_assert_tensor_metadata":
+            continue
+        elif name in ("histc", "bincount", "empty_like", "zeros_like", "ones_like", "full_like"):
+            if u.args[0] is n and len(ins) == 1:
+                continue  # symmetric in rows / shape only: leaves the region
+        elif name in _GROUPED:
+            ok = ins == [u.args[0]] and _offsets_of(_offs_arg(u)) is sort_node
+        elif name in ("index", "_unsafe_index"):
+            x, idx = u.args[0], u.args[1]
+            if x in region:
+                if len(ins) == 1 and len(idx) == 1 and isinstance(idx[0], Node) and source(idx[0]) in inverses:
+                    continue  # rows put back: leaves the region
+            else:
+                ok = len(idx) == 1 and idx[0] is n and len(ins) == 1 and n.meta["val"].dim() == 1
+        elif name in ("index_put", "index_put_"):
+            if (len(ins) == 1 and u.args[1] is not None and len(u.args[1]) == 1 and u.args[1][0] is n
+                    and source(n) == (sort_node, 1) and _is_arange(u.args[2], rows)):
+                inverses.add(u)
                 continue
-            name = _name(u)
-            val = u.meta.get("val")
-            ok = False
-            if u.target is operator.getitem or name in _CASTS or name == "_assert_tensor_metadata":
-                ok = True
-            elif name in ("histc", "bincount") and u.args[0] is n:
-                continue  # symmetric in rows: leaves the region
-            elif name == "empty_like" or name in ("zeros_like", "ones_like", "full_like"):
-                continue  # shape only
-            elif name in _GROUPED and u.args[0] is n and _offsets_of(_offs_arg(u)) is sort_node:
-                ok = True
-            elif name in _GROUPED and (_offs_arg(u) is n or u.args[1] is n):
-                return False
-            elif name in ("index", "_unsafe_index"):
-                x, idx = u.args[0], u.args[1]
-                if x is n:
-                    if len(idx) == 1 and isinstance(idx[0], Node) and source(idx[0]) in inverses:
-                        continue  # rows put back: leaves the region
-                    return False
-                if len(idx) == 1 and idx[0] is n and n.meta["val"].dim() == 1 and x not in region:
-                    ok = True
-                else:
-                    return False
-            elif name in ("index_put", "index_put_"):
-                if (u.args[1] is not None and len(u.args[1]) == 1 and u.args[1][0] is n and source(n) == (sort_node, 1)
-                        and _is_arange(u.args[2], rows) and u.args[0] not in region):
-                    inverses.add(u)
-                    continue
-                return False
-            elif name in UNARY or name in BINARY:
-                tensors = [a for a in list(u.args) + list(u.kwargs.values()) if isinstance(a, Node)]
-                out_dim = val.dim() if isinstance(val, torch.Tensor) else 0
-                ok = all(t in region or _broadcast_on_rows(t, out_dim) for t in tensors) and rowed(u)
-            elif name in _ROWWISE_DIM:
-                at = 2 if name in ("chunk", "split", "split_with_sizes") else 1
-                dim = u.args[at] if len(u.args) > at else u.kwargs.get("dim", 0)
-                src_dim = n.meta["val"].dim()
-                ok = isinstance(dim, int) and _d(dim, src_dim + (name == "unsqueeze")) != 0
-            elif name in ("view", "reshape", "_unsafe_view"):
-                ok = rowed(u)
-            elif name == "linear" or name in _NORMS:
-                ok = u.args[0] is n and n.meta["val"].dim() >= 2 and all(a not in region for a in u.args[1:] if isinstance(a, Node))
-            if not ok:
-                return False
-            if name != "_assert_tensor_metadata":
-                region.add(u)
-                stack.append(u)
+        elif name in UNARY or name in BINARY:
+            tensors = [a for a in list(u.args) + list(u.kwargs.values()) if isinstance(a, Node)]
+            out_dim = val.dim() if isinstance(val, torch.Tensor) else 0
+            ok = all(t in region or _broadcast_on_rows(t, out_dim) for t in tensors) and rowed(u)
+        elif name in _ROWWISE_DIM and len(ins) == 1:
+            at = 2 if name in ("chunk", "split", "split_with_sizes") else 1
+            dim = u.args[at] if len(u.args) > at else u.kwargs.get("dim", 0)
+            ok = isinstance(dim, int) and _d(dim, n.meta["val"].dim() + (name == "unsqueeze")) != 0
+        elif name in ("view", "reshape", "_unsafe_view"):
+            ok = rowed(u) and len(ins) == 1
+        elif name == "linear" or name in _NORMS:
+            ok = ins == [u.args[0]] and n.meta["val"].dim() >= 2
+        if not ok:
+            if _DEBUG:
+                print("routing region stops at", u.format_node())
+            return False
+        region.add(u)
     return True
 
 
