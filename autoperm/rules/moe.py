@@ -32,12 +32,12 @@ def _d(d, n):
 def topk(ctx, x, k, dim=-1, largest=True, sorted=True):
     """(values, indices) of the k largest along ``dim``: both have x's other axes and a pinned rank axis; the
     indices' values address x[dim], which is not pinned (permuting it relabels the indices, the values stay;
-    ties aside). Unsorted top-k returns an unspecified order: x[dim] pinned."""
+    ties aside) when every use of the indices reads them as ids; else x[dim] is pinned. An unsorted top-k
+    returns its k entries in an order the implementation chooses: a model whose outputs depend on that order has
+    no well-defined function, so the rank axis is treated as for a sorted top-k."""
     lay = ctx.lay(x)
     d = _d(dim, len(lay))
-    if not sorted:
-        ctx.pin(lay[d], "unsorted top-k")
-    elif used_as_ids(ctx.node, (ctx.node, 1)):
+    if used_as_ids(ctx.node, (ctx.node, 1)):
         set_domain(ctx, (ctx.node, 1), lay[d])
     else:
         ctx.pin(lay[d], "top-k indices read as numbers")
