@@ -191,7 +191,7 @@ def _grouped(ctx, x, w, offs=None, bias=None, out_dtype=None):
 
 
 builtin_rule("aten._grouped_mm")(_grouped)
-builtin_rule("transformers.grouped_mm_fallback")(_grouped)
+builtin_rule("transformers.grouped_mm_fallback", "autoperm.grouped_mm")(_grouped)
 
 
 # -- the inverse of a sort permutation ------------------------------------------------------------
