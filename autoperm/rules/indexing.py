@@ -59,15 +59,20 @@ def gather(ctx, x, dim, index, *, sparse_grad=False):
     lx, li, sx, si = ctx.lay(x), ctx.lay(index), ctx.shape(x), ctx.shape(index)
     d = dim % len(lx)
     address(ctx, lx[d], index)
-    for i in range(len(lx)):
-        if i == d:
-            continue
-        if sx[i] == si[i]:
-            ctx.union(lx[i], li[i])
-        else:
-            ctx.pin(lx[i], "gather reads a prefix of this axis")
-            ctx.pin(li[i], "gather reads a prefix of this axis")
+    _tie_where_sizes_agree(ctx, lx, sx, li, si, skip=d, why="gather reads a prefix of this axis")
     return li
+
+
+def _tie_where_sizes_agree(ctx, la, sa, lb, sb, skip, why):
+    """Tie axis i of two tensors where their sizes agree; pin both where one reads a prefix of the other."""
+    for i in range(len(la)):
+        if i == skip:
+            continue
+        if sa[i] == sb[i]:
+            ctx.union(la[i], lb[i])
+        else:
+            ctx.pin(la[i], why)
+            ctx.pin(lb[i], why)
 
 
 @builtin_rule("aten.index_select")
@@ -111,21 +116,9 @@ def scatter(ctx, x, dim, index, src=None, *rest, reduce=None, **kw):
     name = getattr(getattr(ctx.node.target, "overloadpacket", None), "__name__", "")
     how = reduce if reduce is not None else (rest[0] if rest and isinstance(rest[0], str) else None)
     ordered = ls is not None and not name.startswith("scatter_add") and how not in _SYMMETRIC | {"add", "multiply"}
-    for i in range(len(lx)):
-        if i == d:
-            continue
-        if sx[i] == si[i]:
-            ctx.union(lx[i], li[i])
-        else:
-            ctx.pin(lx[i], "scatter writes a prefix of this axis")
-            ctx.pin(li[i], "scatter writes a prefix of this axis")
+    _tie_where_sizes_agree(ctx, lx, sx, li, si, skip=d, why="scatter writes a prefix of this axis")
     if ls is not None:
-        for i in range(len(ls)):
-            if ss[i] == si[i]:
-                ctx.union(ls[i], li[i])
-            else:
-                ctx.pin(ls[i], "scatter reads a prefix of this axis")
-                ctx.pin(li[i], "scatter reads a prefix of this axis")
+        _tie_where_sizes_agree(ctx, ls, ss, li, si, skip=None, why="scatter reads a prefix of this axis")
     if ordered:
         ctx.pin(li[d], "overwritten entries depend on their order")
     return lx

@@ -86,13 +86,11 @@ def _sorts(ctx) -> dict:
 
 @register_rule("aten.sort.default", override=True)
 @id_aware
-def sort(ctx, x, dim=-1, descending=False, *, stable=None):
+def sort(ctx, x, dim=-1, descending=False):
     """Sorting expert ids (1-D, values of a known domain D, ascending) to group rows by expert: the sorted axis
     gets an atom R of its own (rows move by an order that permuting D induces); values keep domain D, indices
     address x's axis. Allowed only when ``_routed_region`` proves every use treats rows alike until they are
     put back. Otherwise (any other sort): the sorted axis is pinned."""
-    if isinstance(dim, bool):  # sort.stable passes (self, stable=..., dim=..., descending=...) by keyword
-        dim, descending = -1, False
     lay = ctx.lay(x)
     dom = domain(ctx, x)
     node = ctx.node
@@ -141,9 +139,10 @@ def _only_grouped_offsets(node) -> bool:
     while stack:
         n = stack.pop()
         for u in n.users:
-            if _name(u) in ("to", "_to_copy", "_assert_tensor_metadata") or (_name(u) == "clone"):
-                if _name(u) != "_assert_tensor_metadata":
-                    stack.append(u)
+            if _name(u) in ("to", "_to_copy", "clone"):
+                stack.append(u)
+            elif _name(u) == "_assert_tensor_metadata":
+                pass
             elif _name(u) in _GROUPED and _offs_arg(u) is n:
                 pass
             else:
@@ -152,8 +151,6 @@ def _only_grouped_offsets(node) -> bool:
 
 
 def _offs_arg(node):
-    if _name(node) == "grouped_mm_fallback":
-        return node.args[2] if len(node.args) > 2 else node.kwargs.get("offs")
     return node.args[2] if len(node.args) > 2 else node.kwargs.get("offs")
 
 
@@ -245,9 +242,6 @@ _ROWWISE_DIM = {"chunk", "split", "split_with_sizes", "slice", "narrow", "softma
 _NORMS = {"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"}
 
 
-_DEBUG = False
-
-
 def _routed_region(sort_node: Node) -> bool:
     """True when every op reached from the sort's outputs keeps rows apart and in step (row-wise ops, indexing
     other tensors by the sorted rows, grouped matmuls with this sort's offsets, histograms) until an index by
@@ -305,11 +299,11 @@ def _routed_region(sort_node: Node) -> bool:
             ok = isinstance(dim, int) and _d(dim, n.meta["val"].dim() + (name == "unsqueeze")) != 0
         elif name in ("view", "reshape", "_unsafe_view"):
             ok = rowed(u) and len(ins) == 1
-        elif name == "linear" or name in _NORMS:
+        elif name == "linear":
             ok = ins == [u.args[0]] and n.meta["val"].dim() >= 2
+        elif name in _NORMS:  # normalizes trailing axes only, never the rows
+            ok = ins == [u.args[0]] and len(u.args[1]) < n.meta["val"].dim()
         if not ok:
-            if _DEBUG:
-                print("routing region stops at", u.format_node())
             return False
         region.add(u)
     return True
