@@ -292,3 +292,15 @@ def test_mixtral_planted_activation_matching():
     model, x = hf_moe("mixtral")
     spec, inv, wm, am = _planted(model, x, [torch.randint(0, 64, (8, 8)) for _ in range(2)])
     assert all(torch.equal(am[g], inv[g]) for g in spec.group_sizes)
+
+
+def test_batched_mm_experts_implementation_frees_the_experts_too():
+    """transformers' "batched_mm" experts index the fused weights by expert id and run bmm."""
+    model, x = hf_moe("mixtral")
+    for m in model.modules():
+        if hasattr(m, "config"):
+            m.config._experts_implementation = "batched_mm"
+    spec, err = spec_and_error(model.eval(), x)
+    assert err < 1e-4 and spec.unsupported == []
+    expert = _group(spec, "model.model.layers.1.mlp.gate.weight", 0)
+    assert expert is not None and _group(spec, "model.model.layers.1.mlp.experts.gate_up_proj", 0) == expert

@@ -31,7 +31,8 @@ def _keys(target, missing_ok: bool) -> list[object]:
 
 
 def builtin_rule(*targets):
-    """Register one of autoperm's own rules (ops absent from this torch version are skipped)."""
+    """Register one of autoperm's own rules. An op not registered yet (absent from this torch, or a custom op a
+    library registers on import, such as ``transformers.grouped_mm_fallback``) is matched by its name later."""
     return register_rule(*targets, missing_ok=True)
 
 
