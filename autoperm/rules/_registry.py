@@ -24,14 +24,15 @@ def _keys(target, missing_ok: bool) -> list[object]:
             op = getattr(getattr(torch.ops, ns), packet)
             return [getattr(op, overload)] if overload else [op]
         except (AttributeError, RuntimeError):
-            if missing_ok:
-                return []
+            if missing_ok:  # an op a library registers later (a custom op): matched by name
+                return [target]
             raise ValueError(f"no op named {target!r} in this torch") from None
     return [target]
 
 
 def builtin_rule(*targets):
-    """Register one of autoperm's own rules (ops absent from this torch version are skipped)."""
+    """Register one of autoperm's own rules. An op not registered yet (absent from this torch, or a custom op a
+    library registers on import, such as ``transformers.grouped_mm_fallback``) is matched by its name later."""
     return register_rule(*targets, missing_ok=True)
 
 
@@ -67,7 +68,9 @@ def get_rule(target) -> Callable | None:
     if target in _RULES:
         return _RULES[target]
     packet = getattr(target, "overloadpacket", None)
-    return _RULES.get(packet) if packet is not None else None
+    if packet is None:
+        return None
+    return _RULES.get(packet) or _RULES.get(str(target)) or _RULES.get(str(packet))
 
 
 def is_registered(target) -> bool:

@@ -270,13 +270,20 @@ def select(ctx, x, dim, index):
 
 @builtin_rule("aten.slice.Tensor", "aten.slice_copy.Tensor")
 def slice_(ctx, x, dim=0, start=None, end=None, step=1):
-    """Slice [start:end:step]: a contiguous slice is a cat-piece of the atom; strided slices pin it."""
+    """Slice [start:end:step]: a contiguous slice is a cat-piece of the atom. A strided slice ``lo::step`` over the
+    whole axis (size a multiple of step) reads offset lo of each group of step: the axis is prod[groups, offsets]
+    with the offsets pinned, the groups passing to the output; other strided slices pin the axis."""
     lay = list(ctx.lay(x))
     d = _dim(dim, len(lay))
     n = ctx.shape(x)[d]
     lo, hi, _ = slice(start, end).indices(n)
     hi = max(hi, lo)
     if (lo, hi, step) == (0, n, 1):
+        return tuple(lay)
+    if step != 1 and n % step == 0 and lo < step and hi > n - step:  # x[lo::step]: offset lo of each group
+        whole, offset = ctx.split_prod(lay[d], [n // step, step], "strided slice")
+        ctx.pin(offset, "strided slice picks one offset in each group")
+        lay[d] = whole
         return tuple(lay)
     if step != 1:
         ctx.pin(lay[d], "strided slice")

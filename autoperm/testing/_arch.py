@@ -30,7 +30,7 @@ from torch import nn
 
 __all__ = ["Chooser", "RandomChooser", "Architecture", "generate", "random_architecture", "BLOCKS"]
 
-GENERATOR_VERSION = "1"  # bump when a seed starts to mean another architecture
+GENERATOR_VERSION = "2"  # bump when a seed starts to mean another architecture
 
 _ACTS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu, "sigmoid": torch.sigmoid}
 
@@ -307,6 +307,32 @@ class Gate(Block):
 def gen_gate(s: Stream, ch: Chooser) -> Built:
     r = ch.integer(2, 6)
     return Built(Gate(nn.Linear(s.c, r), nn.Linear(r, s.c), s), s, [("fc1.weight", 0)])
+
+
+class MoE(Block):
+    """A mixture-of-experts layer routed by top-k: fused experts (grouped, gather or scatter) or a ModuleList."""
+
+    def __init__(self, moe, label):
+        super().__init__()
+        self.moe, self.label = moe, label
+
+    def forward(self, x, env):
+        return self.moe(x)
+
+
+def gen_moe(s: Stream, ch: Chooser) -> Built:
+    from ._moe import FusedMoE, ModuleListMoE
+
+    experts, hidden = ch.integer(2, 4), ch.integer(2, 6)
+    k = ch.integer(1, min(2, experts))
+    style = ch.pick(["grouped", "gather", "scatter", "modulelist"])
+    if style == "modulelist":
+        moe, permuted = ModuleListMoE(s.c, hidden, experts, k), [("moe.experts.0.gate.weight", 0)]
+    else:
+        moe = FusedMoE(s.c, hidden, experts, k, how=style, router_bias=ch.flag())
+        permuted = [("moe.gate_up_proj", 0), ("moe.down_proj", 2)]
+    moe.router = nn.Linear(s.c, experts)  # a bias keeps top-k free of ties on all-zero tokens
+    return Built(MoE(moe, f"moe[{style} e{experts} k{k} h{hidden}]"), s, permuted)
 
 
 class Attention(Block):
@@ -722,14 +748,17 @@ BLOCKS: dict[str, Callable] = {
     "shared": lambda s, ch, d: gen_shared(s, ch),
     "unsupported": lambda s, ch, d: gen_unsupported(s, ch),
     "convert": lambda s, ch, d: gen_convert(s, ch),
+    "moe": lambda s, ch, d: gen_moe(s, ch),
 }
 WEIGHTS = {"dense": 3, "norm": 3, "residual": 4, "concat-split": 2, "slice": 2, "attention": 4, "heads": 2, "gate": 2,
-           "pool": 2, "pad": 2, "shared": 2, "unsupported": 1, "convert": 3}
+           "pool": 2, "pad": 2, "shared": 2, "unsupported": 1, "convert": 3, "moe": 2}
 
 
 def _applicable(name: str, s: Stream) -> bool:
     if name in ("attention", "heads"):
         return s.kind == "seq"
+    if name == "moe":
+        return s.kind in ("vec", "seq")
     if name == "pool":
         return s.kind in ("img", "sig") and min(s.spatial) >= 2
     if name == "slice":
