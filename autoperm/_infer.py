@@ -16,6 +16,7 @@ import torch
 from torch.fx import Node
 
 from ._atoms import AtomTable
+from ._blocks import per_block
 from ._trace import TraceError, TracedModel, mode_of, trace
 from .rules import get_rule
 from .spec import PermutationSpec, Pin
@@ -47,6 +48,7 @@ class Context:
         self.node: Node | None = None
         self.unsupported: list[str] = []
         self.state_layouts: dict[str, Any] = {}  # state-dict key -> layout, one per tensor across graphs
+        self.structured: set[Node] = set()  # nodes whose rule asked for an axis' product structure
 
     # -- lookups ----------------------------------------------------------
     def lay(self, x) -> Layout | None:
@@ -112,6 +114,7 @@ class Context:
         return self.atoms.size(a)
 
     def prod(self, atoms: Sequence[int]) -> int:
+        self.structured.add(self.node)
         return self.atoms.composite("prod", list(atoms))
 
     def cat(self, atoms: Sequence[int]) -> int:
@@ -119,6 +122,7 @@ class Context:
 
     def split_prod(self, a: int, sizes: Sequence[int], why: str) -> list[int]:
         """Factor ``a`` into row-major factors of ``sizes``; pins ``a`` when it cannot be factored."""
+        self.structured.add(self.node)
         out = self.atoms.as_prod(a, list(sizes), self.where)
         if out is None:
             self.pin(a, f"{why}: cannot factor {self.size(a)} as {list(sizes)}")
@@ -421,8 +425,13 @@ def _build_spec(ctx: Context, model: torch.nn.Module) -> PermutationSpec:
     sizes = {}
     for root, name in names.items():
         sizes[name] = atoms.size(root)
-    return PermutationSpec.from_axes(axes, sizes, pinned, {k: list(t.shape) for k, t in state.items()},
-                                     unsupported=ctx.unsupported)
+    per = {names[d]: names[h] for d, h in per_block(ctx, by_key).items() if d in names and h in names}
+    shapes = {k: list(t.shape) for k, t in state.items()}
+    try:
+        return PermutationSpec.from_axes(axes, sizes, pinned, shapes, unsupported=ctx.unsupported, per=per)
+    except ValueError as e:  # an engine bug: keep the inner groups shared (sound) and say so
+        warnings.warn(f"independent per-block groups dropped: {e}", stacklevel=3)
+        return PermutationSpec.from_axes(axes, sizes, pinned, shapes, unsupported=ctx.unsupported)
 
 
 def _merge_fixed(kind: str, parts: list) -> dict:

@@ -34,6 +34,11 @@ def expr_size(expr, sizes) -> int:
     return out
 
 
+def _flat(expr) -> list:
+    """Parts of a product with nested products spliced in (a nested row-major product is one product)."""
+    return [x for e in expr["prod"] for x in (_flat(e) if e and "prod" in e else [e])]
+
+
 def old_coords(expr, pos: torch.Tensor, env: dict, perm, per: dict, sizes) -> torch.Tensor:
     """Old index along an axis for new indices ``pos``; ``env`` gives block coordinates at those positions."""
     if "g" in expr:
@@ -53,6 +58,7 @@ def old_coords(expr, pos: torch.Tensor, env: dict, perm, per: dict, sizes) -> to
             out[m] = old_coords(e, pos[m] - off, {k: v[m] for k, v in env.items()}, perm, per, sizes) + off
             off += n
         return out
+    parts = _flat(expr)
     ns = [expr_size(e, sizes) for e in parts]
     strides = [1] * len(ns)
     for k in range(len(ns) - 2, -1, -1):
@@ -106,6 +112,7 @@ def uncovered(expr, per: dict, covered=frozenset()) -> list[str]:
         return [g] if g in per and per[g] not in covered else []
     parts = next(iter(expr.values()))
     if "prod" in expr:
+        parts = _flat(expr)
         covered = covered | {e["g"] for e in parts if "g" in e}
     return list(dict.fromkeys(g for e in parts for g in uncovered(e, per, covered)))
 
