@@ -218,21 +218,27 @@ def apply_permutation(spec: PermutationSpec, perm: Permutation, state_dict: Mapp
         want = spec.shapes.get(key)
         if t.dim() != len(exprs) or (want is not None and list(t.shape) != list(want)):
             raise ValueError(f"{key!r} has shape {tuple(t.shape)}, the spec expects {want or f'{len(exprs)} axes'}")
-        later = []
-        for axis, e in enumerate(exprs):
-            if spec.per and _uncovered(e, spec.per):
-                later.append(axis)  # its blocks come from another axis: gathered once that axis is
-                continue
-            idx = axis_index(e, perm, spec)
-            if idx is None:
-                continue
-            if len(idx) != t.shape[axis]:
-                raise ValueError(f"{key!r} axis {axis} has size {t.shape[axis]}, the spec expects {len(idx)}")
-            t = t.index_select(axis, idx.to(t.device))
-        for axis in later:
-            t = _gather_by_block(spec, perm, exprs, axis, t, key)
-        out[key] = t
+        out[key] = permute_tensor(spec, perm, key, t)
     return keep_metadata(out, state_dict)
+
+
+def permute_tensor(spec: PermutationSpec, perm: Permutation, key: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (the tensor of ``key``) with ``perm`` applied to its every axis (``perm`` is not validated here)."""
+    exprs = spec.axes[key]
+    later = []
+    for axis, e in enumerate(exprs):
+        if spec.per and _uncovered(e, spec.per):
+            later.append(axis)  # its blocks come from another axis: gathered once that axis is
+            continue
+        idx = axis_index(e, perm, spec)
+        if idx is None:
+            continue
+        if len(idx) != t.shape[axis]:
+            raise ValueError(f"{key!r} axis {axis} has size {t.shape[axis]}, the spec expects {len(idx)}")
+        t = t.index_select(axis, idx.to(t.device))
+    for axis in later:
+        t = _gather_by_block(spec, perm, exprs, axis, t, key)
+    return t
 
 
 def _uncovered(expr, per):

@@ -81,7 +81,11 @@ def descend_groups(spec, state_a, state_b, init, only, *, max_iter=100, seed=0, 
     ``unknown`` (None: the groups in ``only``) are the groups whose ``init`` is only a placeholder:
     they are first seeded by :func:`_seed`. Inputs are not checked here (``weight_matching`` does
     it). ``stats``, if given, receives ``sweeps`` (per restart) and ``solves`` (cost matrices built
-    and assigned)."""
+    and assigned). A spec with groups per block runs over the full group (``_blocks.descend_blocks``)."""
+    if spec.per:
+        from ._blocks import descend_blocks
+        return descend_blocks(spec, state_a, state_b, init, only, descend_groups, max_iter=max_iter, seed=seed,
+                              restarts=restarts, progress=progress, stats=stats, unknown=unknown)
     permuted = [k for k, ex in spec.axes.items() if any(ex)]
     device = state_a[permuted[0]].device if permuted else torch.device("cpu")
     dtype = torch.float64 if any(state_a[k].dtype == torch.float64 for k in permuted) else torch.float32
