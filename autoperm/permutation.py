@@ -16,10 +16,26 @@ from .spec import PermutationSpec, walk_groups
 
 __all__ = [
     "Permutation", "random_permutation", "identity_permutation", "inverse_permutation",
-    "compose_permutations", "apply_permutation", "permute_model_", "axis_index", "validate_permutation",
+    "compose_permutations", "apply_permutation", "with_blocks", "permute_tensor", "permute_model_", "axis_index", "validate_permutation",
 ]
 
-Permutation = dict  # dict[str, torch.LongTensor]
+class Permutation(dict):
+    """``{group: LongTensor}``; ``per`` names the block group of each per-block entry (as ``spec.per``).
+
+    Every autoperm function that makes a permutation returns one, so ``inverse_permutation`` and
+    ``compose_permutations`` know the block structure without the spec; a plain dict works too
+    where no group is per block.
+    """
+
+    def __init__(self, *args, per=None, **kw):
+        super().__init__(*args, **kw)
+        self.per = dict(per or {})
+
+
+def with_blocks(perm, spec_or_per) -> Permutation:
+    """``perm`` as a :class:`Permutation` carrying the block groups of ``spec_or_per`` (a spec or a ``per`` dict)."""
+    per = getattr(spec_or_per, "per", spec_or_per) or {}
+    return Permutation(perm, per={d: h for d, h in per.items() if d in perm})
 
 
 def random_permutation(spec: PermutationSpec, seed: int = 0) -> Permutation:
@@ -39,17 +55,18 @@ def random_permutation(spec: PermutationSpec, seed: int = 0) -> Permutation:
     for n, s in spec.group_sizes.items():
         rows = [torch.randperm(s, generator=gen) for _ in range(spec.block_count(n))]
         out[n] = torch.stack(rows) if n in spec.per else rows[0]
-    return out
+    return with_blocks(out, spec)
 
 
 def identity_permutation(spec: PermutationSpec) -> Permutation:
     """The identity on every group (one identity row per block for a group that is per block)."""
-    return {n: torch.arange(s).repeat(spec.block_count(n), 1) if n in spec.per else torch.arange(s)
-            for n, s in spec.group_sizes.items()}
+    return with_blocks({n: torch.arange(s).repeat(spec.block_count(n), 1) if n in spec.per else torch.arange(s)
+                        for n, s in spec.group_sizes.items()}, spec)
 
 
 def inverse_permutation(perm: Permutation, spec: PermutationSpec | None = None) -> Permutation:
-    """``inverse(p)[p[i]] = i`` for every group; per-block groups (2-d entries) need the ``spec``.
+    """``inverse(p)[p[i]] = i`` for every group; per-block groups (2-d entries) need their block groups, from
+    ``spec`` or ``perm.per``.
 
     For a group ``d`` per ``h``: ``inverse[h] = argsort(p[h])`` and ``inverse[d][p[h][i]] = argsort(p[d][i])``.
 
@@ -64,11 +81,12 @@ def inverse_permutation(perm: Permutation, spec: PermutationSpec | None = None) 
     out = {n: torch.argsort(_as_perm(n, p)) for n, p in perm.items() if n not in per}
     for n, h in per.items():
         out[n] = torch.argsort(_as_rows(n, perm[n]), dim=1)[out[h]]
-    return out
+    return with_blocks(out, per)
 
 
 def compose_permutations(first: Permutation, then: Permutation, spec: PermutationSpec | None = None) -> Permutation:
-    """The permutation equal to applying ``first`` and then ``then``; per-block groups need the ``spec``.
+    """The permutation equal to applying ``first`` and then ``then``; per-block groups need their block groups,
+    from ``spec`` or the permutations' ``per``.
 
     Applying ``p`` maps ``x`` to ``x[p]``; applying ``q`` next gives ``x[p][q] = x[p[q]]``. For a
     group ``d`` per ``h`` the rows follow the blocks: ``out[d][i] = first[d][then[h][i]][then[d][i]]``.
@@ -92,12 +110,14 @@ def compose_permutations(first: Permutation, then: Permutation, spec: Permutatio
         if len(p) != len(q):
             raise ValueError(f"group {n!r}: permutations of sizes {len(p)} and {len(q)} do not compose")
         out[n] = p[q]
-    return out
+    return with_blocks(out, per)
 
 
 def _per_of(perm, spec) -> dict:
-    """The block group of each per-block entry of ``perm`` (2-d entries need a spec that declares them)."""
+    """The block group of each per-block entry of ``perm`` (2-d entries need a spec or ``perm.per`` that declares them)."""
     rows = [n for n, p in perm.items() if torch.as_tensor(p).dim() == 2]
+    if spec is None and getattr(perm, "per", None):
+        return {n: h for n, h in perm.per.items() if n in perm}
     if spec is None:
         if rows:
             raise ValueError(f"group {rows[0]!r} has one permutation per block: pass the spec, which names its "

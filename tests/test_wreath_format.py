@@ -124,6 +124,7 @@ def test_bad_per_declarations_and_permutations_name_the_group():
     with pytest.raises(ValueError, match="'d'.*one row per block"):
         validate_permutation(spec, perm)
     perm = random_permutation(spec)
+    assert torch.equal(inverse_permutation(perm)["d"], inverse_permutation(perm, spec)["d"])  # perm.per knows
     with pytest.raises(ValueError, match="pass the spec"):
-        inverse_permutation(perm)
+        inverse_permutation(dict(perm))
     assert spec.to_axes_to_perm()[1]["a.weight"] == (None, None)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .._wreath import block_axis
-from ..permutation import permute_tensor
+from ..permutation import permute_tensor, with_blocks
 from ..spec import PermutationSpec, walk_groups
 from ._costs import _coords, _grid
 from ._lap import solve_numpy
@@ -114,6 +114,15 @@ def _plain_cost(spec, a, b, perm, h) -> np.ndarray:
     return out.numpy()
 
 
+def _try(spec, a, b, perm, cand, keys, before) -> tuple[dict, bool]:
+    """``perm`` with ``cand`` if that raises the objective on ``keys``."""
+    if all(torch.equal(cand[g], perm[g]) for g in cand):
+        return perm, False
+    trial = {**perm, **cand}
+    after = block_objective(spec, a, b, trial, keys)
+    return (trial, True) if after > before + 1e-12 * (abs(after) + abs(before)) else (perm, False)
+
+
 def refine_blocks(spec: PermutationSpec, a, b, perm: dict, blocks) -> tuple[dict, bool]:
     """One pass of block steps over the block groups ``blocks``; returns the permutation and whether it moved."""
     moved = False
@@ -134,16 +143,16 @@ def refine_blocks(spec: PermutationSpec, a, b, perm: dict, blocks) -> tuple[dict
                     value[i, j] += mcost[i, j][np.arange(best.shape[2]), best[i, j]].sum()
             inner[d] = best
         p_h = solve_numpy(value)
-        cands = [{h: torch.from_numpy(p_h), **{d: torch.from_numpy(inner[d][np.arange(nh), p_h]) for d in ds}},
-                 {d: torch.from_numpy(inner[d][np.arange(nh), perm[h].numpy()]) for d in ds}]
-        for cand in cands:
-            if all(torch.equal(cand[g], perm[g]) for g in cand):
-                continue
-            trial = {**perm, **cand}
-            after = block_objective(spec, a, b, trial, keys)
-            if after > before + 1e-12 * (abs(after) + abs(before)):
-                perm, moved = trial, True
-                break
+        joint = {h: torch.from_numpy(p_h), **{d: torch.from_numpy(inner[d][np.arange(nh), p_h]) for d in ds}}
+        perm, step = _try(spec, a, b, perm, joint, keys, before)
+        moved |= step
+        for d in ds:  # then each inner group on its own, the others at their new values (an exact step)
+            if step or len(ds) > 1:
+                mcost = _pair_cost(spec, a, b, perm, h, d)
+            rows = [solve_numpy(np.ascontiguousarray(mcost[i, j])) for i, j in enumerate(perm[h].tolist())]
+            perm, step = _try(spec, a, b, perm, {d: torch.from_numpy(np.stack(rows))}, keys,
+                              block_objective(spec, a, b, perm, keys))
+            moved |= step
     return perm, moved
 
 
@@ -178,4 +187,4 @@ def descend_blocks(spec: PermutationSpec, a, b, init, only, descend, *, rounds: 
         if all(torch.equal(rest[g].cpu(), perm[g].cpu()) for g in others):
             break
         perm.update({g: rest[g].cpu() for g in others})
-    return perm
+    return with_blocks(perm, spec)

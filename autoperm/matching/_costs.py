@@ -334,6 +334,10 @@ def _changes(u: Unit, a: torch.Tensor, old: list, new: list) -> tuple[float, lis
 @torch.no_grad()
 def objective(spec: PermutationSpec, state_a, state_b, perm, keys=None) -> float:
     """``Σ_keys <A, P(B)>`` (float64) over ``keys`` (default: every tensor that carries a group)."""
+    if spec.per and any(torch.as_tensor(p).dim() == 2 for p in perm.values()):
+        from ._blocks import block_objective
+        return block_objective(spec, state_a, state_b, perm,
+                               keys if keys is not None else [k for k, ex in spec.axes.items() if any(ex)])
     total = 0.0
     for key in keys if keys is not None else [k for k, ex in spec.axes.items() if any(ex)]:
         b = state_b[key]
