@@ -158,8 +158,9 @@ def validate_permutation(spec: PermutationSpec, perm: Mapping[str, torch.Tensor]
             raise ValueError(f"group {name!r}: permutation must be an integer tensor, got {p.dtype}")
         want = (spec.block_count(name), size) if name in spec.per else (size,)
         if p.shape != want:
-            raise ValueError(f"group {name!r}: permutation has shape {tuple(p.shape)}, the group needs "
-                             f"{want}{f' (one row per block of {spec.per[name]!r})' if name in spec.per else ''}")
+            need = (f"the group needs {want} (one row per block of {spec.per[name]!r})" if name in spec.per
+                    else f"the group has size {size}")
+            raise ValueError(f"group {name!r}: permutation has shape {tuple(p.shape)}, {need}")
         if not torch.equal(torch.sort(p.long().cpu(), dim=-1).values, torch.arange(size).expand(want)):
             raise ValueError(f"group {name!r}: not a permutation of 0..{size - 1}"
                              f"{' in every row' if name in spec.per else ''}")

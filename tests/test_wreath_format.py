@@ -128,3 +128,23 @@ def test_bad_per_declarations_and_permutations_name_the_group():
     with pytest.raises(ValueError, match="pass the spec"):
         inverse_permutation(dict(perm))
     assert spec.to_axes_to_perm()[1]["a.weight"] == (None, None)
+
+
+def test_the_numpy_reference_implementation_in_the_docs_agrees_for_version_2():
+    import os
+
+    import numpy as np
+    text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "spec-format.md"), encoding="utf-8").read()
+    code = next(b.split("```")[0] for b in text.split("```python")[1:] if "def apply_permutation" in b)
+    ns = {}
+    exec(code, ns)
+    for spec, state in ((_heads_spec(), {"a.weight": torch.randn(H * D, C), "a.bias": torch.randn(H * D),
+                                         "b.weight": torch.randn(C, H * D), "b.bias": torch.randn(C)}),
+                        (_experts_spec(), {"w1": torch.randn(3, 4, C), "w2": torch.randn(3, C, 4),
+                                           "gate": torch.randn(3, C)})):
+        perm = random_permutation(spec, seed=7)
+        theirs = ns["apply_permutation"](json.loads(spec.to_json()), {k: v.tolist() for k, v in perm.items()},
+                                         {k: v.numpy() for k, v in state.items()})
+        ours = apply_permutation(spec, perm, state)
+        for k in state:
+            assert np.array_equal(theirs[k], ours[k].numpy()), k
