@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ._atoms import Stacked
 from .rules.letters import get_letters
 
 __all__ = ["per_block"]
@@ -84,7 +85,6 @@ class _Tree:
 
 def _tensors(ctx, v) -> list:
     """The layouts (atom tuples) a node value stands for: a stacked value's slices, a list's items."""
-    from ._infer import Stacked
     if v is None:
         return []
     if isinstance(v, Stacked):
@@ -123,7 +123,7 @@ def _node_ok(ctx, tree, node, h, d, structured) -> bool:
         return False
     if all(p is None for p in places) or node.op == "placeholder":
         return True
-    if _wrapper(node):
+    if node in ctx.wrappers:
         return True  # runs a body graph (checked node by node) on its operands unchanged
     sig = get_letters(node) if node.op == "call_function" else None
     kind = sig[0] if sig else None
@@ -195,11 +195,6 @@ def _group_norm_ok(ctx, tree, x, groups, h, d) -> bool:
     if n != groups:
         return d not in facs
     return not (d in facs[:k] and h not in facs[:k])
-
-
-def _wrapper(node) -> bool:
-    from ._infer import _body
-    return isinstance(node.target, torch._ops.HigherOrderOperator) and _body(node) is not None
 
 
 def per_block(ctx, keys_layouts: dict) -> dict[int, int]:

@@ -15,7 +15,7 @@ import networkx as nx
 import torch
 from torch.fx import Node
 
-from ._atoms import AtomTable
+from ._atoms import AtomTable, Layout, Stacked
 from ._blocks import per_block
 from ._trace import TraceError, TracedModel, mode_of, trace
 from .rules import get_rule
@@ -23,20 +23,7 @@ from .spec import PermutationSpec, Pin
 
 __all__ = ["infer_spec", "Context", "axis_graph"]
 
-Layout = tuple  # tuple[int, ...]: one atom per axis
 UNUSED = "not used by the traced graph"
-
-
-class Stacked:
-    """A tensor whose slices along ``axis`` carry different atoms on the other axes (``parts[i]``).
-
-    Made by a reshape that splits a fused axis into (k, ...) when the k slices are later taken
-    apart by unbind/select (fused qkv): each slice keeps its own permutations. Rules that do not
-    ask for the stacked form see the parts tied together, which is the plain (coarser) answer.
-    """
-
-    def __init__(self, axis: int, parts: list[Layout]):
-        self.axis, self.parts, self.collapsed = axis, parts, False
 
 
 class Context:
@@ -49,6 +36,7 @@ class Context:
         self.unsupported: list[str] = []
         self.state_layouts: dict[str, Any] = {}  # state-dict key -> layout, one per tensor across graphs
         self.structured: set[Node] = set()  # nodes whose rule asked for an axis' product structure
+        self.wrappers: set[Node] = set()  # higher-order nodes whose body graph was analysed node by node
 
     # -- lookups ----------------------------------------------------------
     def lay(self, x) -> Layout | None:
@@ -255,6 +243,7 @@ def _call(ctx: Context, node: Node):
         return lay[i] if isinstance(lay, list) else _default_rule(ctx, node, "getitem on a non-sequence")
     rule = get_rule(node.target)
     if rule is None and isinstance(node.target, torch._ops.HigherOrderOperator) and _body(node) is not None:
+        ctx.wrappers.add(node)
         return _check(ctx, node, _call_body(ctx, node))
     if rule is None:
         return _default_rule(ctx, node, f"no rule for {_target_name(node.target)}")

@@ -1,6 +1,7 @@
 """Data movement: reshape, permute, concat, split, slicing, expand. Atoms move with the axes they describe."""
 from __future__ import annotations
 
+from .._atoms import Stacked
 from ._registry import builtin_rule
 
 
@@ -64,7 +65,6 @@ def reshape_layout(ctx, lay, in_shape, out_shape, stack_at=None):
             out[k] = p
     if stacked is None:
         return tuple(out)
-    from .._infer import Stacked
     gj, per_slice = stacked
     sel = ctx.fresh(out_shape[gj[0]], f"slices of a fused axis taken apart at {ctx.where}")
     parts = []
@@ -114,7 +114,6 @@ def permute(ctx, x, dims):
 
 
 def _restack(st, axis, parts):
-    from .._infer import Stacked
     return Stacked(axis, parts)
 
 
