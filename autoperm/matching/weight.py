@@ -31,6 +31,9 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], 
     every pair of blocks the best within-block assignment is found, the blocks are assigned on
     those values, and the within-block permutation is solved on the chosen block pairs; the joint
     move is kept only if it raises the objective, otherwise the group takes its plain step.
+    Groups independent per block (``spec.per``) are then refined over the full group: each block
+    of A is assigned a block of B on the value of their best inner assignment, and takes that
+    assignment as its own inner permutation (``autoperm.matching._blocks``).
 
     Args:
         spec: the model's spec (``autoperm.infer_spec``).
