@@ -110,7 +110,7 @@ def test_json_version_2_round_trip_and_version_1_still_loads():
         PermutationSpec.from_json(json.dumps(d))
     perm = random_permutation(spec, seed=0)
     back = permutation_from_dict(json.loads(json.dumps(permutation_to_dict(perm))))
-    assert all(torch.equal(back[n], perm[n]) for n in perm)
+    assert all(torch.equal(back[n], perm[n]) for n in perm) and back.per == perm.per == {"d": "h"}
 
 
 def test_bad_per_declarations_and_permutations_name_the_group():

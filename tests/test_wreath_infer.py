@@ -144,3 +144,16 @@ def test_forcing_per_head_value_dims_where_heads_meet_breaks_the_model(twist):
     forced = autoperm.PermutationSpec.from_axes(spec.axes, spec.group_sizes, spec.pinned, spec.shapes,
                                                 per={**spec.per, v_dims: heads})
     assert max(autoperm.check_invariance(m, forced, x, seed=s) for s in range(3)) > 1e-3
+
+
+def test_inspect_shows_the_block_structure():
+    from autoperm.cli import format_spec
+    torch.manual_seed(0)
+    m, x = Attn().eval(), torch.randn(2, 5, C)
+    with pytest.warns(UserWarning, match="not used"):
+        spec = autoperm.infer_spec(m, x)
+    text = format_spec(spec)
+    assert "(2 independent per block)" in text and "independent per" in text
+    heads = next(iter(spec.per.values()))
+    assert f"each of the {H} blocks of {heads}" in text
+    assert f"{H}x[{C // H}]*" in text  # heads x dims, the dims independent per head
