@@ -203,24 +203,26 @@ def per_block(ctx, keys_layouts: dict) -> dict[int, int]:
     tree = _Tree(atoms)
     free = lambda a: tree.is_leaf(a) and atoms.pinned(a) is None  # noqa: E731
     state = [lay for lay in keys_layouts.values() if lay is not None]
-    cands: list[tuple[int, int]] = []
+    cands: dict[tuple[int, int], None] = {}
     for lay in state:
         ls = [x for a in lay for x in tree.leaves(a) if free(x)]
         for i, x in enumerate(ls):
             for y in ls[i + 1:] + ls[:i]:
-                if x != y and (x, y) not in cands:
-                    cands.append((x, y))  # (block, inner): the outer-first order is tried first
+                if x != y:
+                    cands.setdefault((x, y))  # (block, inner): the outer-first order is tried first
     cands = [(h, d) for h, d in cands if all(_place(tree, lay, h, d) != "bad" for lay in state)]
     if not cands:
         return {}
     inner = {d for _, d in cands}
-    nodes = [n for n in ctx.layouts if any(d in tree.leaves(a) for t in _tensors(ctx, ctx.layouts[n])
-                                           for a in t for d in inner)]
-    users = set(nodes) | {u for n in nodes for u in n.users}
+    touching: dict[int, set] = {d: set() for d in inner}  # inner leaf -> the nodes that read or make it
+    for n, v in ctx.layouts.items():
+        for d in {x for t in _tensors(ctx, v) for a in t for x in tree.leaves(a)} & inner:
+            touching[d].add(n)
+            touching[d].update(n.users)
     out: dict[int, int] = {}
     for h, d in cands:
         if d in out or h in out or d in out.values():
             continue
-        if all(_node_ok(ctx, tree, n, h, d, ctx.structured) for n in users if n in ctx.layouts or n.op == "output"):
+        if all(_node_ok(ctx, tree, n, h, d, ctx.structured) for n in touching[d] if n in ctx.layouts or n.op == "output"):
             out[d] = h
     return out

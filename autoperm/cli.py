@@ -295,7 +295,7 @@ def _align(args, rm, spec, a, b, data: _Data | None):
             raise CLIError(str(e)) from e
         raise
     perm = perms[1]
-    moved = sum(int((p.cpu() != torch.arange(len(p))).sum()) for p in perm.values())
+    moved = sum(int((p.cpu() != torch.arange(p.shape[-1])).sum()) for p in perm.values())
     _log(args, f"{args.method} matching: {moved} of {spec.num_units} units moved, {time.perf_counter() - t:.1f} s")
     return aligned[1], perm
 
