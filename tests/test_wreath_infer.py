@@ -127,7 +127,8 @@ def test_multihead_attention_module():
     m, x = M().eval(), torch.randn(2, 4, 5)
     autoperm.randomize_(m)
     spec = autoperm.infer_spec(m, x)
-    assert len(_per(spec)) == 1
+    assert len(_per(spec)) == 2  # the packed in-projection: q/k dims and v dims, each per head
+    assert "cat" in spec.axes["a.in_proj_weight"][0]
     _invariant(m, spec, x)
 
 
