@@ -80,3 +80,19 @@ def test_weight_matching_with_blocks_is_deterministic_and_accepts_a_full_group_i
                                                                          spec.shapes), a, b, seed=3, restarts=2)
     from autoperm.matching._blocks import expand_rows
     assert block_objective(spec, a, b, p1, keys) >= block_objective(spec, a, b, expand_rows(spec, shared), keys) - 1e-9
+
+
+def test_blocks_given_by_another_axis_fused_experts():
+    """Fused expert weights [E, I, C] with each expert's hidden units permuting on their own."""
+    spec = autoperm.PermutationSpec.from_axes(
+        {"w1": [{"g": "e"}, {"g": "i"}, None], "w2": [{"g": "e"}, None, {"g": "i"}], "gate": [{"g": "e"}, None]},
+        {"e": 4, "i": 6}, per={"i": "e"})
+    gen = torch.Generator().manual_seed(0)
+    a = {"w1": torch.randn(4, 6, 5, generator=gen), "w2": torch.randn(4, 5, 6, generator=gen),
+         "gate": torch.randn(4, 5, generator=gen)}
+    planted = random_permutation(spec, seed=2)
+    b = apply_permutation(spec, planted, a)
+    perm = autoperm.weight_matching(spec, a, b)
+    assert perm["i"].shape == (4, 6)
+    aligned = apply_permutation(spec, perm, b)
+    assert all(torch.equal(aligned[k], a[k]) for k in a)

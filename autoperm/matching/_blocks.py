@@ -49,10 +49,6 @@ def _content(spec, perm, h, hold) -> dict:
     return out
 
 
-def _table(coords, lead):
-    return _grid(coords, lead)
-
-
 def _pair_cost(spec, a, b, perm, h, d) -> np.ndarray:
     """``M[i, j, x, y]``: A's block ``i`` inner unit ``x`` against B's block ``j`` inner unit ``y`` (others applied)."""
     nh, nd = spec.group_sizes[h], spec.group_sizes[d]
@@ -71,7 +67,7 @@ def _pair_cost(spec, a, b, perm, h, d) -> np.ndarray:
                 here = coords[:, leaf] >= 0
                 lh = [k for k, g in enumerate(gs) if g == h and bool((coords[here, k] >= 0).all())]
                 if lh:
-                    t = _table(coords, [lh[0], leaf]).reshape(-1)
+                    t = _grid(coords, [lh[0], leaf]).reshape(-1)
                     xa = ta.index_select(ax, t).movedim(ax, 0).reshape(nh, nd, -1)
                     xb = tb.index_select(ax, t).movedim(ax, 0).reshape(nh, nd, -1)
                 else:
@@ -80,8 +76,8 @@ def _pair_cost(spec, a, b, perm, h, d) -> np.ndarray:
                         continue
                     _, lv = _coords(spec, exprs[bx])
                     cb, gb = torch.stack([v for _, v in lv], 1), [g for g, _ in lv]
-                    th = _table(cb, [gb.index(h)]).reshape(-1)
-                    td = _table(coords, [leaf]).reshape(-1)
+                    th = _grid(cb, [gb.index(h)]).reshape(-1)
+                    td = _grid(coords, [leaf]).reshape(-1)
 
                     def pick(t):
                         t = t.index_select(bx, th).index_select(ax, td).movedim((bx, ax), (0, 1))
@@ -108,7 +104,7 @@ def _plain_cost(spec, a, b, perm, h) -> np.ndarray:
                 continue
             coords, gs = torch.stack([v for _, v in leaves], 1), [g for g, _ in leaves]
             for leaf in (k for k, g in enumerate(gs) if g == h):
-                t = _table(coords, [leaf]).reshape(-1)
+                t = _grid(coords, [leaf]).reshape(-1)
                 out += ta.index_select(ax, t).movedim(ax, 0).reshape(nh, -1) @ \
                     tb.index_select(ax, t).movedim(ax, 0).reshape(nh, -1).T
     return out.numpy()
