@@ -154,7 +154,24 @@ def refine_blocks(spec: PermutationSpec, a, b, perm: dict, blocks) -> tuple[dict
 
 def descend_blocks(spec: PermutationSpec, a, b, init, only, descend, *, rounds: int = 8, **kw) -> dict:
     """Coordinate descent over the full group: ``descend`` (weight matching's) on the shared view, then
-    block steps and a descent of the other groups with the blocks in place, in turn, until nothing moves."""
+    block steps and a descent of the other groups with the blocks in place, in turn, until nothing moves.
+
+    Each of ``restarts`` runs this whole sequence from its own visiting order (a shared-view optimum
+    can lead the blocks into a poor local optimum of the full group); the best objective is kept."""
+    restarts, seed = kw.pop("restarts", 1), kw.pop("seed", 0)
+    keys = [k for k, ex in spec.axes.items() if any(ex)]
+    best, best_obj = None, None
+    for r in range(restarts):
+        perm = _descend_once(spec, a, b, init, only, descend, rounds, shake=r, seed=seed * 1_000_003 + r,
+                             restarts=1, **kw)
+        obj = block_objective(spec, a, b, perm, keys) if restarts > 1 else 0.0
+        if best is None or obj > best_obj:
+            best, best_obj = perm, obj
+    return with_blocks(best, spec)
+
+
+def _descend_once(spec, a, b, init, only, descend, rounds, shake=0, **kw) -> dict:
+    """One run; ``shake`` > 0 starts the block steps from random inner rows (another basin of the full group)."""
     shared = shared_view(spec)
     only = set(spec.group_sizes) if only is None else set(only)
     blocks = {h for h in set(spec.per.values()) if h in only and all(d in only for d, hh in spec.per.items() if hh == h)}
@@ -164,6 +181,12 @@ def descend_blocks(spec: PermutationSpec, a, b, init, only, descend, *, rounds: 
         perm = {g: torch.as_tensor(p).long().cpu() for g, p in init.items()}
     else:
         perm = expand_rows(spec, descend(shared, a, b, init, only, **kw))
+        if shake:
+            gen = torch.Generator().manual_seed(kw.get("seed", 0))
+            for d, h in spec.per.items():
+                if h in blocks:
+                    perm[d] = torch.stack([torch.randperm(spec.group_sizes[d], generator=gen)
+                                           for _ in range(spec.group_sizes[h])])
     kw = {k: v for k, v in kw.items() if k != "unknown"}
     others = sorted(only - family)
     for _ in range(rounds):
@@ -173,8 +196,7 @@ def descend_blocks(spec: PermutationSpec, a, b, init, only, descend, *, rounds: 
         rows = False
         if not others:
             continue
-        part = {g: (perm[g] if g in family else torch.arange(n)) for g, n in spec.group_sizes.items()}
-        part = expand_rows(spec, part)
+        part = expand_rows(spec, {g: (perm[g] if g in family else torch.arange(n)) for g, n in spec.group_sizes.items()})
         b1 = dict(b)
         for k in spec.axes:
             b1[k] = permute_tensor(spec, part, k, b[k])
@@ -183,4 +205,4 @@ def descend_blocks(spec: PermutationSpec, a, b, init, only, descend, *, rounds: 
         if all(torch.equal(rest[g].cpu(), perm[g].cpu()) for g in others):
             break
         perm.update({g: rest[g].cpu() for g in others})
-    return with_blocks(perm, spec)
+    return perm
