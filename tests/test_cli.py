@@ -85,7 +85,7 @@ def test_inspect_json_round_trips(tmp_path, capsys):
 def test_inspect_verbose_lists_members_with_structure(capsys):
     assert main(["inspect", "test_vit", "-v", "-q"]) == 0
     out = capsys.readouterr().out
-    assert "[2]x32 + [2]x32 + [2]x32" in out  # the head group inside the fused qkv rows
+    assert "[2]x32* + [2]x32* + [2]x32*" in out  # the head group inside the fused qkv rows (dims per head: *)
     assert "  blocks.0.attn.qkv.weight:0  " in out
 
 
