@@ -10,6 +10,10 @@ cannot be reconciled the atoms are pinned with the reason.
 The permutation of an atom refined as ``cat[a, b]`` is the block-diagonal
 ``perm(a) ⊕ perm(b)``; of ``prod[a, b]`` the Kronecker ``perm(a) ⊗ perm(b)``
 (index ``i * |b| + j`` maps to ``perm(a)[i] * |b| + perm(b)[j]``).
+
+A tensor's *layout* is one atom per axis (``Layout``); a ``Stacked`` layout gives each slice
+of one axis its own atoms (fused qkv). Both live here, beside the atoms, so the engine and the
+rules share them without importing each other.
 """
 from __future__ import annotations
 
@@ -18,7 +22,9 @@ from dataclasses import dataclass, field
 
 from networkx.utils import UnionFind
 
-__all__ = ["AtomTable"]
+__all__ = ["AtomTable", "Layout", "Stacked"]
+
+Layout = tuple  # tuple[int, ...]: one atom per axis of a tensor
 
 
 @dataclass
@@ -273,3 +279,15 @@ def _common_factors(a: list[int], b: list[int]) -> list[int] | None:
         out.append(p // prev)
         prev = p
     return out
+
+
+class Stacked:
+    """A tensor whose slices along ``axis`` carry different atoms on the other axes (``parts[i]``).
+
+    Made by a reshape that splits a fused axis into (k, ...) when the k slices are later taken
+    apart by unbind/select (fused qkv): each slice keeps its own permutations. Rules that do not
+    ask for the stacked form see the parts tied together, which is the plain (coarser) answer.
+    """
+
+    def __init__(self, axis: int, parts: list[Layout]):
+        self.axis, self.parts, self.collapsed = axis, parts, False

@@ -15,27 +15,15 @@ import networkx as nx
 import torch
 from torch.fx import Node
 
-from ._atoms import AtomTable
+from ._atoms import AtomTable, Layout, Stacked
+from ._blocks import per_block
 from ._trace import TraceError, TracedModel, mode_of, trace
 from .rules import get_rule
 from .spec import PermutationSpec, Pin
 
 __all__ = ["infer_spec", "Context", "axis_graph"]
 
-Layout = tuple  # tuple[int, ...]: one atom per axis
 UNUSED = "not used by the traced graph"
-
-
-class Stacked:
-    """A tensor whose slices along ``axis`` carry different atoms on the other axes (``parts[i]``).
-
-    Made by a reshape that splits a fused axis into (k, ...) when the k slices are later taken
-    apart by unbind/select (fused qkv): each slice keeps its own permutations. Rules that do not
-    ask for the stacked form see the parts tied together, which is the plain (coarser) answer.
-    """
-
-    def __init__(self, axis: int, parts: list[Layout]):
-        self.axis, self.parts, self.collapsed = axis, parts, False
 
 
 class Context:
@@ -47,6 +35,8 @@ class Context:
         self.node: Node | None = None
         self.unsupported: list[str] = []
         self.state_layouts: dict[str, Any] = {}  # state-dict key -> layout, one per tensor across graphs
+        self.structured: set[Node] = set()  # nodes whose rule asked for an axis' product structure
+        self.wrappers: set[Node] = set()  # higher-order nodes whose body graph was analysed node by node
 
     # -- lookups ----------------------------------------------------------
     def lay(self, x) -> Layout | None:
@@ -112,6 +102,7 @@ class Context:
         return self.atoms.size(a)
 
     def prod(self, atoms: Sequence[int]) -> int:
+        self.structured.add(self.node)
         return self.atoms.composite("prod", list(atoms))
 
     def cat(self, atoms: Sequence[int]) -> int:
@@ -119,6 +110,7 @@ class Context:
 
     def split_prod(self, a: int, sizes: Sequence[int], why: str) -> list[int]:
         """Factor ``a`` into row-major factors of ``sizes``; pins ``a`` when it cannot be factored."""
+        self.structured.add(self.node)
         out = self.atoms.as_prod(a, list(sizes), self.where)
         if out is None:
             self.pin(a, f"{why}: cannot factor {self.size(a)} as {list(sizes)}")
@@ -251,6 +243,7 @@ def _call(ctx: Context, node: Node):
         return lay[i] if isinstance(lay, list) else _default_rule(ctx, node, "getitem on a non-sequence")
     rule = get_rule(node.target)
     if rule is None and isinstance(node.target, torch._ops.HigherOrderOperator) and _body(node) is not None:
+        ctx.wrappers.add(node)
         return _check(ctx, node, _call_body(ctx, node))
     if rule is None:
         return _default_rule(ctx, node, f"no rule for {_target_name(node.target)}")
@@ -421,8 +414,13 @@ def _build_spec(ctx: Context, model: torch.nn.Module) -> PermutationSpec:
     sizes = {}
     for root, name in names.items():
         sizes[name] = atoms.size(root)
-    return PermutationSpec.from_axes(axes, sizes, pinned, {k: list(t.shape) for k, t in state.items()},
-                                     unsupported=ctx.unsupported)
+    per = {names[d]: names[h] for d, h in per_block(ctx, by_key).items() if d in names and h in names}
+    shapes = {k: list(t.shape) for k, t in state.items()}
+    try:
+        return PermutationSpec.from_axes(axes, sizes, pinned, shapes, unsupported=ctx.unsupported, per=per)
+    except ValueError as e:  # an engine bug: keep the inner groups shared (sound) and say so
+        warnings.warn(f"independent per-block groups dropped: {e}", stacklevel=3)
+        return PermutationSpec.from_axes(axes, sizes, pinned, shapes, unsupported=ctx.unsupported)
 
 
 def _merge_fixed(kind: str, parts: list) -> dict:

@@ -295,7 +295,7 @@ def _align(args, rm, spec, a, b, data: _Data | None):
             raise CLIError(str(e)) from e
         raise
     perm = perms[1]
-    moved = sum(int((p.cpu() != torch.arange(len(p))).sum()) for p in perm.values())
+    moved = sum(int((p.cpu() != torch.arange(p.shape[-1])).sum()) for p in perm.values())
     _log(args, f"{args.method} matching: {moved} of {spec.num_units} units moved, {time.perf_counter() - t:.1f} s")
     return aligned[1], perm
 
@@ -437,7 +437,8 @@ def format_spec(spec, rm=None, verbose: bool = False, invariance=None) -> str:
         shapes = ", ".join("x".join(map(str, s)) for s in rm.input_shapes)
         lines.append(f"{rm.name} ({rm.source}), example input {shapes}")
     n_pins = len(_unique_pins(spec))
-    lines.append(f"{len(spec.group_sizes)} groups, {spec.num_units} permutable units, "
+    per = f" ({len(spec.per)} independent per block)" if spec.per else ""
+    lines.append(f"{len(spec.group_sizes)} groups{per}, {spec.num_units} permutable units, "
                  f"{100 * spec.permuted_fraction():.1f}% of state-dict elements in tensors with a permuted axis, "
                  f"{n_pins} pinned axes, {len(spec.unsupported)} unsupported ops")
     if invariance is not None:  # a Verdict (autoperm.equivalence)
@@ -450,8 +451,9 @@ def format_spec(spec, rm=None, verbose: bool = False, invariance=None) -> str:
         tensors = len({m.key for m in grp.members})
         forms = sorted({render_expr(m.expr, spec, grp.name) for m in grp.members}, key=len)
         members = f"{len(grp.members)} axes" + (f" in {tensors} tensors" if tensors != len(grp.members) else "")
-        rows.append([grp.name, str(grp.size), "/".join(map(str, blocks)), members, _clip(", ".join(forms), 60)])
-    lines += _table(["group", "size", "block", "members", "structure"], rows)
+        rows.append([grp.name, str(grp.size), "/".join(map(str, blocks)), members, _clip(", ".join(forms), 60)]
+                    + ([_per_text(spec, grp)] if spec.per else []))
+    lines += _table(["group", "size", "block", "members", "structure"] + (["independent per"] if spec.per else []), rows)
     if verbose:
         for grp in spec.groups:
             lines.append("")
@@ -467,7 +469,10 @@ def format_spec(spec, rm=None, verbose: bool = False, invariance=None) -> str:
         lines += [f"  {u}" for u in spec.unsupported]
     lines.append("")
     lines.append("structure: [n] is this group, other numbers are other groups' sizes, 'fixed:n' never moves; "
-                 "x is a product (blocks), + a concatenation. block: indices each unit moves together.")
+                 "x is a product (blocks), + a concatenation. block: indices each unit moves together."
+                 + (" A size marked * permutes independently in every block of another group "
+                    "(its 'independent per' column): e.g. heads 6 x dim 64* is 6 heads, each with its own "
+                    "permutation of its 64 dims." if spec.per else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -479,12 +484,16 @@ def render_expr(expr, spec, mark: str | None = None) -> str:
     >>> s = PermutationSpec.from_axes({"w": [w]}, {"h": 3, "d": 4})
     >>> render_expr(s.axes["w"][0], s, "h")
     'fixed:2 + [3]x4'
+    >>> heads = PermutationSpec.from_axes({"w": [w]}, {"h": 3, "d": 4}, per={"d": "h"})
+    >>> render_expr(heads.axes["w"][0], heads, "h")
+    'fixed:2 + [3]x4*'
     """
     if expr is None:
         return "-"
     if "g" in expr:
         size = spec.group_sizes[expr["g"]]
-        return f"[{size}]" if expr["g"] == mark else str(size)
+        star = "*" if expr["g"] in spec.per else ""
+        return f"[{size}]{star}" if expr["g"] == mark else f"{size}{star}"
     if "fixed" in expr:
         return f"fixed:{expr['fixed']}"
     kind, parts = next(iter(expr.items()))
@@ -492,6 +501,14 @@ def render_expr(expr, spec, mark: str | None = None) -> str:
     if kind == "prod":
         return "x".join(f"({s})" if " + " in s else s for s in inner)
     return " + ".join(inner)
+
+
+def _per_text(spec, grp) -> str:
+    """``<block group> (n blocks)`` for a group independent per block; ``blocks of k`` for a block group."""
+    if grp.per is not None:
+        return f"each of the {spec.group_sizes[grp.per]} blocks of {grp.per}"
+    inner = [d for d, h in spec.per.items() if h == grp.name]
+    return f"(blocks of {len(inner)} group{'s' if len(inner) > 1 else ''})" if inner else ""
 
 
 def _unique_pins(spec):

@@ -156,7 +156,7 @@ def broadcast_permutation(perm: Mapping[str, torch.Tensor], group=None, src: int
     out, offset = {}, 0
     for g in names:
         n = perm[g].numel()
-        out[g] = flat[offset:offset + n].cpu().clone()
+        out[g] = flat[offset:offset + n].cpu().clone().reshape(perm[g].shape)
         offset += n
     return out
 

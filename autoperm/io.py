@@ -285,26 +285,37 @@ def _count(items, noun: str, plural: str = "s") -> str:
 
 
 # -- permutations and text ----------------------------------------------------------------------
-PERMUTATION_FORMAT_VERSION = 1
+PERMUTATION_FORMAT_VERSION = 2  # newest read and written; version 1 when no group is per block
 
 
 def permutation_to_dict(perm: Mapping[str, torch.Tensor]) -> dict:
     """JSON-ready form of a permutation: ``{"format": "autoperm.permutation", "version": 1, "groups": {name: [...]}}``.
 
+    A group that is per block (a 2-d entry) is written as a list of rows, under version 2, with
+    ``"per": {group: block group}`` when the permutation knows its blocks.
+
     >>> d = permutation_to_dict({"h": torch.tensor([2, 0, 1])})
     >>> d["groups"], permutation_from_dict(d)["h"].tolist()
     ({'h': [2, 0, 1]}, [2, 0, 1])
+    >>> d = permutation_to_dict({"h": torch.tensor([1, 0]), "d": torch.tensor([[1, 0], [0, 1]])})
+    >>> d["version"], d["groups"]["d"], permutation_from_dict(d)["d"].shape
+    (2, [[1, 0], [0, 1]], torch.Size([2, 2]))
     """
-    return {"format": "autoperm.permutation", "version": PERMUTATION_FORMAT_VERSION,
-            "groups": {n: [int(i) for i in torch.as_tensor(p).tolist()] for n, p in perm.items()}}
+    groups = {n: torch.as_tensor(p).long().tolist() for n, p in perm.items()}
+    rows = any(torch.as_tensor(p).dim() == 2 for p in perm.values())
+    out = {"format": "autoperm.permutation", "version": 2 if rows else 1, "groups": groups}
+    if rows and getattr(perm, "per", None):
+        out["per"] = dict(perm.per)
+    return out
 
 
 def permutation_from_dict(d: Mapping) -> dict[str, torch.Tensor]:
     """Inverse of :func:`permutation_to_dict` (checks the format tag and version)."""
     if d.get("format") != "autoperm.permutation":
         raise ValueError("not an autoperm permutation (missing format: autoperm.permutation)")
-    if d.get("version") != PERMUTATION_FORMAT_VERSION:
-        raise ValueError(f"unsupported permutation version {d.get('version')}; this autoperm reads "
+    if d.get("version") not in (1, PERMUTATION_FORMAT_VERSION):
+        raise ValueError(f"unsupported permutation version {d.get('version')}; this autoperm reads 1 to "
                          f"{PERMUTATION_FORMAT_VERSION}")
-    return {n: torch.tensor(p, dtype=torch.long) for n, p in d["groups"].items()}
+    from .permutation import with_blocks
+    return with_blocks({n: torch.tensor(p, dtype=torch.long) for n, p in d["groups"].items()}, d.get("per", {}))
 

@@ -9,8 +9,10 @@ Each state-dict axis is described by an *axis expression* (JSON-ready):
 - ``{"prod": [e1, e2, ...]}``: a row-major product, index ``i * |e2| + j``
   (heads × head dim, groups of a grouped conv, channel × spatial after flatten).
 
-An axis with no permutable part has expression ``None``. The format is
-versioned and documented in docs/spec-format.md.
+An axis with no permutable part has expression ``None``. A group may be declared *per block* of
+another group (``per``): then every block of that group carries its own permutation of it (the
+wreath product: heads move, and each head's dims permute on their own). The format is versioned and
+documented in docs/spec-format.md.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["PermutationSpec", "Group", "Member", "Pin", "SPEC_FORMAT_VERSION", "walk_groups"]
 
-SPEC_FORMAT_VERSION = 1
+SPEC_FORMAT_VERSION = 2  # the newest version this autoperm reads and writes (version 1 when no group is per block)
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Group:
     name: str
     size: int
     members: tuple[Member, ...]
+    per: str | None = None  # the block group: each of its blocks permutes this group on its own
 
     @property
     def keys(self) -> list[str]:
@@ -82,6 +85,14 @@ class PermutationSpec:
     [('h', 3, ['w1', 'w2'])]
     >>> PermutationSpec.from_json(spec.to_json()) == spec
     True
+
+    ``per[d] = h`` declares group ``d`` independent per block of group ``h``: a permutation gives
+    ``d`` one row per block of ``h`` (see ``autoperm.permutation``).
+
+    >>> heads = PermutationSpec.from_axes({"w": [{"prod": [{"g": "h"}, {"g": "d"}]}]}, {"h": 2, "d": 3},
+    ...                                   per={"d": "h"})
+    >>> heads.group("d").per, heads.block_count("d"), heads.to_dict()["version"]
+    ('h', 2, 2)
     """
 
     axes: dict[str, list]
@@ -89,10 +100,20 @@ class PermutationSpec:
     pinned: list[Pin] = field(default_factory=list)
     shapes: dict[str, list[int]] = field(default_factory=dict)
     unsupported: list[str] = field(default_factory=list)
+    per: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_axes(cls, axes, group_sizes, pinned=(), shapes=None, unsupported=()):
-        return cls(dict(axes), dict(group_sizes), list(pinned), dict(shapes or {}), list(unsupported))
+    def from_axes(cls, axes, group_sizes, pinned=(), shapes=None, unsupported=(), per=None):
+        spec = cls(dict(axes), dict(group_sizes), list(pinned), dict(shapes or {}), list(unsupported), dict(per or {}))
+        if spec.per:
+            from ._wreath import check_per
+            check_per(spec)
+        return spec
+
+    def block_count(self, name: str) -> int:
+        """Number of blocks of ``name``'s block group (1 for a group that is not per block)."""
+        b = self.per.get(name)
+        return self.group_sizes[b] if b is not None else 1
 
     # -- derived views ------------------------------------------------------
     @property
@@ -102,7 +123,7 @@ class PermutationSpec:
             for i, e in enumerate(exprs):
                 for g in dict.fromkeys(walk_groups(e)):
                     members[g].append(Member(key, i, e))
-        return [Group(n, self.group_sizes[n], tuple(members[n])) for n in self.group_sizes]
+        return [Group(n, self.group_sizes[n], tuple(members[n]), self.per.get(n)) for n in self.group_sizes]
 
     def group(self, name: str) -> Group:
         for g in self.groups:
@@ -135,8 +156,9 @@ class PermutationSpec:
     def to_dict(self) -> dict:
         return {
             "format": "autoperm.spec",
-            "version": SPEC_FORMAT_VERSION,
-            "groups": [{"name": n, "size": s} for n, s in self.group_sizes.items()],
+            "version": 2 if self.per else 1,
+            "groups": [{"name": n, "size": s, **({"per": self.per[n]} if n in self.per else {})}
+                       for n, s in self.group_sizes.items()],
             "axes": self.axes,
             "shapes": self.shapes,
             "pinned": [{"key": p.key, "axis": p.axis, "size": p.size, "reason": p.reason} for p in self.pinned],
@@ -151,11 +173,14 @@ class PermutationSpec:
         d = json.loads(text)
         if d.get("format") != "autoperm.spec":
             raise ValueError("not an autoperm spec (missing format: autoperm.spec)")
-        if d.get("version") != SPEC_FORMAT_VERSION:
-            raise ValueError(f"unsupported spec version {d.get('version')}; this autoperm reads {SPEC_FORMAT_VERSION}")
+        if d.get("version") not in (1, SPEC_FORMAT_VERSION):
+            raise ValueError(f"unsupported spec version {d.get('version')}; this autoperm reads 1 to {SPEC_FORMAT_VERSION}")
+        if d.get("version") == 1 and any("per" in g for g in d["groups"]):
+            raise ValueError("a version-1 spec cannot declare groups per block ('per' needs version 2)")
         return cls.from_axes(
             d["axes"], {g["name"]: g["size"] for g in d["groups"]},
             [Pin(**p) for p in d.get("pinned", [])], d.get("shapes", {}), d.get("unsupported", []),
+            {g["name"]: g["per"] for g in d["groups"] if "per" in g},
         )
 
     def expr_size(self, expr) -> int:
@@ -211,7 +236,7 @@ class PermutationSpec:
         """Export to git-re-basin's form: ``(perm_to_axes, axes_to_perm)``.
 
         That form can only say "axis i is permuted by group P". Axes with a
-        structured expression (cat / prod) are not expressible: with
+        structured expression (cat / prod) or a group that is per block are not expressible: with
         ``strict=True`` they raise, otherwise they map to None (left unpermuted
         by such tools, which is only sound if the user drops those groups).
         """
@@ -219,7 +244,7 @@ class PermutationSpec:
         for key, exprs in self.axes.items():
             row = []
             for i, e in enumerate(exprs):
-                if e is not None and "g" in e:
+                if e is not None and "g" in e and e["g"] not in self.per:
                     row.append(e["g"])
                     perm_to_axes.setdefault(e["g"], []).append((key, i))
                 else:

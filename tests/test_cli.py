@@ -78,14 +78,14 @@ def test_inspect_json_round_trips(tmp_path, capsys):
     model = timm.create_model("test_vit", pretrained=False).eval()
     assert spec == autoperm.infer_spec(model, torch.randn(2, *model.pretrained_cfg["input_size"]))
     assert PermutationSpec.from_json(spec.to_json()) == spec
-    assert json.loads(out.read_text())["version"] == 1
+    assert spec.per and json.loads(out.read_text())["version"] == 2  # heads: dims independent per head
     assert any("prod" in json.dumps(e) for ex in spec.axes.values() for e in ex if e)  # heads x head dim
 
 
 def test_inspect_verbose_lists_members_with_structure(capsys):
     assert main(["inspect", "test_vit", "-v", "-q"]) == 0
     out = capsys.readouterr().out
-    assert "[2]x32 + [2]x32 + [2]x32" in out  # the head group inside the fused qkv rows
+    assert "[2]x32* + [2]x32* + [2]x32*" in out  # the head group inside the fused qkv rows (dims per head: *)
     assert "  blocks.0.attn.qkv.weight:0  " in out
 
 

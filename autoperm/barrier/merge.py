@@ -41,7 +41,7 @@ def _weight_matching(spec, state_a, state_b):
 
 
 def _is_identity(perm: Permutation) -> bool:
-    return all(torch.equal(p.cpu(), torch.arange(len(p))) for p in perm.values())
+    return all(torch.equal(p.cpu(), torch.arange(p.shape[-1]).expand_as(p)) for p in perm.values())
 
 
 def merge_models(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]], *, method: str = "mergemany",

@@ -337,6 +337,10 @@ def objective(spec: PermutationSpec, state_a, state_b, perm, keys=None) -> float
 
     Over a state sharded across ranks (``_sharded.ShardedState``), each rank sums its own keys
     and the total is summed over the ranks."""
+    if spec.per and any(torch.as_tensor(p).dim() == 2 for p in perm.values()):
+        from ._blocks import block_objective
+        return block_objective(spec, state_a, state_b, perm,
+                               keys if keys is not None else [k for k, ex in spec.axes.items() if any(ex)])
     total = 0.0
     local = getattr(state_a, "local", None)
     for key in keys if keys is not None else [k for k, ex in spec.axes.items() if any(ex)]:

@@ -11,10 +11,11 @@ from tqdm.auto import tqdm
 from .._float64 import float64_inputs, float64_model, is_float64
 from ..barrier.norm import _input as batch_input
 from ..distributed import all_reduce_, broadcast_permutation, check_same, rank
-from ..permutation import Permutation
+from ..permutation import Permutation, with_blocks
 from ..spec import PermutationSpec, walk_groups
 from ._costs import check_states
 from ._lap import solve_numpy
+from ._blocks import expand_rows
 from .weight import descend_groups
 
 __all__ = ["activation_matching", "activation_sites"]
@@ -285,7 +286,8 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
     rest = [g for g in spec.group_sizes if g not in cost]
     if rest:
         perm = descend_groups(spec, state_a, state_b, perm, set(rest), seed=seed, progress=progress)
-    return perm if process_group is None else broadcast_permutation(perm, process_group)
+    perm = with_blocks(expand_rows(spec, perm), spec)
+    return perm if process_group is None else with_blocks(broadcast_permutation(perm, process_group), spec)
 
 
 def _all_reduce_stats(stats: dict, sites: dict, spec: PermutationSpec, seen: int, group) -> int:

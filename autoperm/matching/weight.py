@@ -33,6 +33,9 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], 
     every pair of blocks the best within-block assignment is found, the blocks are assigned on
     those values, and the within-block permutation is solved on the chosen block pairs; the joint
     move is kept only if it raises the objective, otherwise the group takes its plain step.
+    Groups independent per block (``spec.per``) are then refined over the full group: each block
+    of A is assigned a block of B on the value of their best inner assignment, and takes that
+    assignment as its own inner permutation (``autoperm.matching._blocks``).
 
     Args:
         spec: the model's spec (``autoperm.infer_spec``).
@@ -49,7 +52,9 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], 
         process_group: a ``torch.distributed`` process group over which the state dicts are sharded by
             key (each rank passes the keys it holds, of A and the same keys of B; see
             ``autoperm.distributed``). Every cost matrix is summed over the ranks and every rank
-            returns the permutation one process finds on the whole state dicts.
+            returns the permutation one process finds on the whole state dicts. Under a spec with
+            groups per block, sharded states search the shared-inner subgroup (one inner permutation
+            for all blocks): the block step needs whole tensors on one rank.
 
     Returns:
         ``{group: LongTensor}`` on the CPU; ``apply_permutation(spec, perm, state_b)`` is B aligned to A.
@@ -79,9 +84,25 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], 
         validate_permutation(spec, init)
     if restarts < 1 or max_iter < 0:
         raise ValueError("restarts must be >= 1 and max_iter >= 0")
+    if process_group is not None and spec.per:  # the block step reads whole tensors, which no rank holds
+        return _sharded_blocks(spec, state_a, state_b, init, process_group, max_iter=max_iter, seed=seed,
+                               restarts=restarts, progress=progress)
     perm = descend_groups(spec, state_a, state_b, init, None, max_iter=max_iter, seed=seed, restarts=restarts,
                           progress=progress, unknown=None if init is None else ())
     return perm if process_group is None else broadcast_permutation(perm, process_group)
+
+
+def _sharded_blocks(spec, state_a, state_b, init, process_group, **kw) -> Permutation:
+    """Sharded states under a spec with groups per block: the shared-inner subgroup is searched (one inner
+    permutation for all blocks, each cost summed over the ranks), returned as an element of the full group."""
+    from ..permutation import with_blocks
+    from ._blocks import expand_rows, shared_view
+
+    if init is not None and any(torch.as_tensor(p).dim() == 2 for p in init.values()):
+        raise ValueError("weight matching over sharded states takes an init with one inner permutation per group "
+                         "(per-block rows need every tensor on one rank)")
+    perm = descend_groups(shared_view(spec), state_a, state_b, init, None, unknown=None if init is None else (), **kw)
+    return with_blocks(broadcast_permutation(expand_rows(spec, perm), process_group), spec)
 
 
 def descend_groups(spec, state_a, state_b, init, only, *, max_iter=100, seed=0, restarts=1, progress=None,
@@ -91,7 +112,11 @@ def descend_groups(spec, state_a, state_b, init, only, *, max_iter=100, seed=0, 
     ``unknown`` (None: the groups in ``only``) are the groups whose ``init`` is only a placeholder:
     they are first seeded by :func:`_seed`. Inputs are not checked here (``weight_matching`` does
     it). ``stats``, if given, receives ``sweeps`` (per restart) and ``solves`` (cost matrices built
-    and assigned)."""
+    and assigned). A spec with groups per block runs over the full group (``_blocks.descend_blocks``)."""
+    if spec.per:
+        from ._blocks import descend_blocks
+        return descend_blocks(spec, state_a, state_b, init, only, descend_groups, max_iter=max_iter, seed=seed,
+                              restarts=restarts, progress=progress, stats=stats, unknown=unknown)
     permuted = [k for k, ex in spec.axes.items() if any(ex)]
     device = state_a[permuted[0]].device if permuted else torch.device("cpu")
     dtype = torch.float64 if any(state_a[k].dtype == torch.float64 for k in permuted) else torch.float32

@@ -1,6 +1,7 @@
 """Data movement: reshape, permute, concat, split, slicing, expand. Atoms move with the axes they describe."""
 from __future__ import annotations
 
+from .._atoms import Stacked
 from ._registry import builtin_rule
 
 
@@ -25,6 +26,12 @@ def _selected_axis(node, axis):
             hits.append(_selected_axis(u, d1 if axis == d0 else d0 if axis == d1 else axis))
         elif name in _PASS:
             hits.append(_selected_axis(u, axis))
+        elif name == "aten.unsqueeze":
+            d = u.args[1] % (n + 1)
+            hits.append(_selected_axis(u, axis + 1 if d <= axis else axis))
+        elif name == "aten.squeeze":
+            drop = _squeezed(u.args[1] if len(u.args) > 1 else None, node.meta["val"].shape)
+            hits.append(axis not in drop and _selected_axis(u, axis - sum(d < axis for d in drop)))
         elif name in ("aten.unbind", "aten.select"):
             dim = (u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)) % n
             hits.append(dim == axis)
@@ -64,7 +71,6 @@ def reshape_layout(ctx, lay, in_shape, out_shape, stack_at=None):
             out[k] = p
     if stacked is None:
         return tuple(out)
-    from .._infer import Stacked
     gj, per_slice = stacked
     sel = ctx.fresh(out_shape[gj[0]], f"slices of a fused axis taken apart at {ctx.where}")
     parts = []
@@ -97,8 +103,8 @@ def flatten(ctx, x, start_dim=0, end_dim=-1):
 
 @builtin_rule("aten.unflatten")
 def unflatten(ctx, x, dim, sizes):
-    """Unflatten: the axis is factored into the new sizes."""
-    return reshape_layout(ctx, ctx.lay(x), ctx.shape(x), ctx.out_shape())
+    """Unflatten: the axis is factored into the new sizes (a leading split later unbound: as reshape)."""
+    return reshape(ctx, x)
 
 
 @builtin_rule("aten.permute")
@@ -114,7 +120,6 @@ def permute(ctx, x, dims):
 
 
 def _restack(st, axis, parts):
-    from .._infer import Stacked
     return Stacked(axis, parts)
 
 
@@ -142,18 +147,31 @@ def t(ctx, x):
 @builtin_rule("aten.unsqueeze")
 def unsqueeze(ctx, x, dim):
     """A new size-1 axis."""
-    lay = list(ctx.lay(x))
-    lay.insert(_dim(dim, len(lay) + 1), ctx.fresh(1))
-    return tuple(lay)
+    st = ctx.stacked(x)
+    n = len(st.parts[0]) if st is not None else len(ctx.lay(x))
+    d = _dim(dim, n + 1)
+    one = ctx.fresh(1)
+    if st is not None:  # a fused axis still to be taken apart keeps its slices
+        return _restack(st, st.axis + (d <= st.axis), [p[:d] + (one,) + p[d:] for p in st.parts])
+    lay = ctx.lay(x)
+    return lay[:d] + (one,) + lay[d:]
+
+
+def _squeezed(dim, shape) -> set:
+    n = len(shape)
+    dims = range(n) if dim is None else [dim] if isinstance(dim, int) else dim
+    return {_dim(d, n) for d in dims if shape[_dim(d, n)] == 1}
 
 
 @builtin_rule("aten.squeeze")
 def squeeze(ctx, x, dim=None):
     """Size-1 axes (all, or those named) vanish."""
-    lay, shp = ctx.lay(x), ctx.shape(x)
-    dims = range(len(lay)) if dim is None else [dim] if isinstance(dim, int) else dim
-    drop = {_dim(d, len(lay)) for d in dims if shp[_dim(d, len(lay))] == 1}
-    return tuple(a for i, a in enumerate(lay) if i not in drop)
+    drop = _squeezed(dim, ctx.shape(x))
+    st = ctx.stacked(x)
+    if st is not None and st.axis not in drop:
+        return _restack(st, st.axis - sum(d < st.axis for d in drop),
+                        [tuple(a for i, a in enumerate(p) if i not in drop) for p in st.parts])
+    return tuple(a for i, a in enumerate(ctx.lay(x)) if i not in drop)
 
 
 def _expand(ctx, x):
