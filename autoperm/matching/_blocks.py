@@ -33,8 +33,24 @@ def expand_rows(spec: PermutationSpec, perm: dict) -> dict:
 
 
 def block_objective(spec, a, b, perm, keys) -> float:
-    """``Σ_keys <A, P(B)>`` in float64."""
-    return float(sum(torch.sum(a[k].double() * permute_tensor(spec, perm, k, b[k]).double()) for k in keys))
+    """``Σ_keys <A, P(B)>`` in float64 (over a sharded state: this rank's keys, summed over the ranks)."""
+    total = float(sum(torch.sum(a[k].double() * permute_tensor(spec, perm, k, b[k]).double())
+                      for k in keys if _held(a, k)))
+    return total if getattr(a, "local", None) is None else a.reduce_sum(total)
+
+
+def _held(a, key) -> bool:
+    """Whether this rank holds ``key`` (always, unless ``a`` is a state sharded over ranks)."""
+    local = getattr(a, "local", None)
+    return local is None or key in local
+
+
+def _summed(a, t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks a sharded state ``a`` spans (``t`` itself otherwise)."""
+    if getattr(a, "local", None) is not None:
+        from ..distributed import all_reduce_
+        all_reduce_(t, a.group)
+    return t
 
 
 def _content(spec, perm, h, hold) -> dict:
@@ -55,7 +71,7 @@ def _pair_cost(spec, a, b, perm, h, d) -> np.ndarray:
     m = torch.zeros(nh, nh, nd, nd, dtype=torch.float64)
     pc = _content(spec, perm, h, {d})
     for key, exprs in spec.axes.items():
-        if not any(d in walk_groups(e) for e in exprs):
+        if not any(d in walk_groups(e) for e in exprs) or not _held(a, key):
             continue
         ta, tb = a[key].double().cpu(), permute_tensor(spec, pc, key, b[key]).double().cpu()
         for ax, e in enumerate(exprs):
@@ -84,7 +100,7 @@ def _pair_cost(spec, a, b, perm, h, d) -> np.ndarray:
                         return t.reshape(nh, t.shape[0] // nh, nd, t.shape[1] // nd, -1).transpose(1, 2).reshape(nh, nd, -1)
                     xa, xb = pick(ta), pick(tb)
                 m += torch.einsum("ixr,jyr->ijxy", xa, xb)
-    return m.numpy()
+    return _summed(a, m).numpy()
 
 
 def _plain_cost(spec, a, b, perm, h) -> np.ndarray:
@@ -95,7 +111,7 @@ def _plain_cost(spec, a, b, perm, h) -> np.ndarray:
     pc = _content(spec, perm, h, set())
     for key, exprs in spec.axes.items():
         names = {g for e in exprs for g in walk_groups(e)}
-        if h not in names or names & inner:
+        if h not in names or names & inner or not _held(a, key):
             continue
         ta, tb = a[key].double().cpu(), permute_tensor(spec, pc, key, b[key]).double().cpu()
         for ax, e in enumerate(exprs):
@@ -107,7 +123,7 @@ def _plain_cost(spec, a, b, perm, h) -> np.ndarray:
                 t = _grid(coords, [leaf]).reshape(-1)
                 out += ta.index_select(ax, t).movedim(ax, 0).reshape(nh, -1) @ \
                     tb.index_select(ax, t).movedim(ax, 0).reshape(nh, -1).T
-    return out.numpy()
+    return _summed(a, out).numpy()
 
 
 def _try(spec, a, b, perm, cand, keys, before) -> tuple[dict, bool]:
@@ -199,7 +215,8 @@ def _descend_once(spec, a, b, init, only, descend, rounds, shake=0, **kw) -> dic
         part = expand_rows(spec, {g: (perm[g] if g in family else torch.arange(n)) for g, n in spec.group_sizes.items()})
         b1 = dict(b)
         for k in spec.axes:
-            b1[k] = permute_tensor(spec, part, k, b[k])
+            if _held(a, k):
+                b1[k] = permute_tensor(spec, part, k, b[k])
         start = {g: (torch.arange(n) if g in family else perm[g].cpu()) for g, n in spec.group_sizes.items()}
         rest = descend(shared, a, b1, start, set(others), unknown=(), **kw)
         if all(torch.equal(rest[g].cpu(), perm[g].cpu()) for g in others):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..permutation import Permutation, validate_permutation
+from ..permutation import Permutation, validate_permutation, with_blocks
 from ..spec import PermutationSpec
 from ._costs import CostCache, Layout, build_layout, check_states, objective
 from ..distributed import broadcast_permutation
@@ -52,9 +52,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], 
         process_group: a ``torch.distributed`` process group over which the state dicts are sharded by
             key (each rank passes the keys it holds, of A and the same keys of B; see
             ``autoperm.distributed``). Every cost matrix is summed over the ranks and every rank
-            returns the permutation one process finds on the whole state dicts. Under a spec with
-            groups per block, sharded states search the shared-inner subgroup (one inner permutation
-            for all blocks): the block step needs whole tensors on one rank.
+            returns the permutation one process finds on the whole state dicts (the block steps of a
+            spec with groups per block too: their costs are summed over the ranks as well).
 
     Returns:
         ``{group: LongTensor}`` on the CPU; ``apply_permutation(spec, perm, state_b)`` is B aligned to A.
@@ -84,25 +83,12 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], 
         validate_permutation(spec, init)
     if restarts < 1 or max_iter < 0:
         raise ValueError("restarts must be >= 1 and max_iter >= 0")
-    if process_group is not None and spec.per:  # the block step reads whole tensors, which no rank holds
-        return _sharded_blocks(spec, state_a, state_b, init, process_group, max_iter=max_iter, seed=seed,
-                               restarts=restarts, progress=progress)
     perm = descend_groups(spec, state_a, state_b, init, None, max_iter=max_iter, seed=seed, restarts=restarts,
                           progress=progress, unknown=None if init is None else ())
-    return perm if process_group is None else broadcast_permutation(perm, process_group)
+    if process_group is None:
+        return perm
+    return with_blocks(broadcast_permutation(perm, process_group), spec)
 
-
-def _sharded_blocks(spec, state_a, state_b, init, process_group, **kw) -> Permutation:
-    """Sharded states under a spec with groups per block: the shared-inner subgroup is searched (one inner
-    permutation for all blocks, each cost summed over the ranks), returned as an element of the full group."""
-    from ..permutation import with_blocks
-    from ._blocks import expand_rows, shared_view
-
-    if init is not None and any(torch.as_tensor(p).dim() == 2 for p in init.values()):
-        raise ValueError("weight matching over sharded states takes an init with one inner permutation per group "
-                         "(per-block rows need every tensor on one rank)")
-    perm = descend_groups(shared_view(spec), state_a, state_b, init, None, unknown=None if init is None else (), **kw)
-    return with_blocks(broadcast_permutation(expand_rows(spec, perm), process_group), spec)
 
 
 def descend_groups(spec, state_a, state_b, init, only, *, max_iter=100, seed=0, restarts=1, progress=None,
