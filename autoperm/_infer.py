@@ -186,7 +186,25 @@ def _run(*tms: TracedModel) -> Context:
     return ctx
 
 
+def _dead(graph) -> set:
+    """Ops whose value nothing reads (directly or through other such ops) and that have no side effect.
+
+    They cannot change an output, so they neither couple nor pin (``x[:, :, -1]`` taken only for its shape).
+    """
+    dead: set = set()
+    for n in reversed(graph.nodes):
+        if n.op == "call_function" and all(u in dead for u in n.users):
+            try:
+                pure = not n.is_impure()
+            except Exception:  # noqa: BLE001 - an op fx cannot classify counts as having side effects
+                pure = False
+            if pure:
+                dead.add(n)
+    return dead
+
+
 def _run_graph(ctx: Context, tm: TracedModel, used: set, by_key: dict) -> None:
+    dead = _dead(tm.graph)
     for node in tm.graph.nodes:
         ctx.node = node
         if node.op == "placeholder":
@@ -214,7 +232,7 @@ def _run_graph(ctx: Context, tm: TracedModel, used: set, by_key: dict) -> None:
                         ctx.unify(by_key[other], ctx.layouts[node])
                 by_key[key] = ctx.layouts[node]
         elif node.op == "call_function":
-            ctx.layouts[node] = _call(ctx, node)
+            ctx.layouts[node] = None if node in dead else _call(ctx, node)
         elif node.op == "output":
             for a in node.all_input_nodes:
                 target = tm.mutations.get(a.name)
@@ -231,8 +249,9 @@ def _run_graph(ctx: Context, tm: TracedModel, used: set, by_key: dict) -> None:
 
 def _used_keys(tm: TracedModel) -> set:
     """State-dict keys whose tensor (or a tied alias of it) feeds the graph."""
+    dead = _dead(tm.graph)
     keys = {tm.placeholder_key[n.name] for n in tm.graph.nodes
-            if n.op == "placeholder" and n.users and n.name in tm.placeholder_key}
+            if n.op == "placeholder" and any(u not in dead for u in n.users) and n.name in tm.placeholder_key}
     return keys | {o for k in keys for o in tm.aliases.get(k, ())}
 
 

@@ -93,6 +93,29 @@ def test_gather_of_a_prefix_pins_the_axis():
     assert err < TOL
 
 
+class _ShapeOnly(nn.Module):
+    """``h[:, :, -1]`` taken for its shape only (BART's positions): a value nothing reads neither pins nor couples."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.pos = nn.Linear(4, 8), nn.Linear(8, 3), nn.Embedding(16, 8)
+        self.unread = nn.Parameter(torch.randn(8))
+
+    def forward(self, x):  # x: (B, T, 4)
+        h = torch.relu(self.a(x))
+        last = h[:, :, -1] * self.unread[0]  # dead: only its shape is used
+        return self.b(h + self.pos(torch.arange(last.shape[1])))
+
+
+def test_a_value_nothing_reads_pins_nothing():
+    spec, err = spec_and_error(_ShapeOnly(), torch.randn(3, 5, 4))
+    assert spec.unsupported == []
+    assert list(spec.group_sizes.values()) == [8]
+    assert ("a.weight", 0) in {(m.key, m.axis) for m in spec.groups[0].members}
+    assert any(p.key == "unread" and p.reason.startswith("not used by the traced graph") for p in spec.pinned)
+    assert err < TOL
+
+
 # -- transformers models --------------------------------------------------------------------------
 try:
     import transformers

@@ -16,7 +16,8 @@ masked_fill hypot xlogy copy copy_ bitwise_xor __and__ __or__ __xor__""".split()
 
 
 @builtin_rule(*(f"aten.{n}" for n in BINARY), "aten.clamp.Tensor", "aten.clamp_.Tensor", "aten.clamp_min.Tensor",
-              "aten.clamp_max.Tensor", "aten.clamp_min_.Tensor", "aten.clamp_max_.Tensor")
+              "aten.clamp_max.Tensor", "aten.clamp_min_.Tensor", "aten.clamp_max_.Tensor",
+              "aten.max.other", "aten.min.other")
 def broadcast(ctx, *args, **kwargs):
     """Element-wise with broadcasting: aligned axes of all tensor arguments and the output tie."""
     return ctx.broadcast(*args, *kwargs.values())
