@@ -13,20 +13,25 @@ from ._model import FolderModel, open_folder
 from .match import stream_weight_matching
 from .write import write_permuted_folder
 
-__all__ = ["align_folders", "verify_folder", "VERIFY_MAX_BYTES"]
+__all__ = ["align_folders", "verify_folder", "VERIFY_MAX_BYTES", "AlignmentCheckError"]
 
 VERIFY_MAX_BYTES = 2 << 30  # folders up to this size (weights on disk) are checked by running both models
 
 
-def align_folders(model_dirs: Sequence[str], out_dirs: Sequence[str | None], *, seed: int = 0, max_iter: int = 100,
+class AlignmentCheckError(RuntimeError):
+    """An aligned copy computes something else than its source (a bug in the inferred spec)."""
+
+
+def align_folders(model_dirs: Sequence[str], out_dirs: Sequence[str | None], *, spec=None, seed: int = 0, max_iter: int = 100,
                   restarts: int = 1, cache_bytes: int = 1 << 30, verify: bool | None = None,
                   log: Callable[[str], None] | None = None, extra: dict | None = None) -> list[dict]:
     """Align the folders ``model_dirs[1:]`` to ``model_dirs[0]`` by weight matching; write them to ``out_dirs``.
 
     Every folder is checked (keys and shapes, from the file headers) before any weight is read;
-    ``out_dirs[i]`` None: not written (``out_dirs[0]`` is ignored). ``verify`` (None: for folders up
-    to ``VERIFY_MAX_BYTES``) loads each source and its aligned copy in float32 and compares their
-    outputs; a difference over 1e-4 raises RuntimeError and that copy is not kept. Returns the
+    ``out_dirs[i]`` None: not written (``out_dirs[0]`` is ignored). ``spec``: the reference's spec if
+    already inferred. ``verify`` (None: for folders up to ``VERIFY_MAX_BYTES``) loads each source and
+    its aligned copy in float32 and compares their outputs; a difference over 1e-4 raises
+    :class:`AlignmentCheckError` and that copy is removed. Returns the
     permutation of each model (the identity for the reference).
     """
     log = log or (lambda msg: None)
@@ -35,9 +40,10 @@ def align_folders(model_dirs: Sequence[str], out_dirs: Sequence[str | None], *, 
     t = time.perf_counter()
     ref = open_folder(model_dirs[0])
     others = [open_folder(d, ref.model) for d in model_dirs[1:]]
-    spec = ref.spec()
-    log(f"spec: {len(spec.group_sizes)} groups, {spec.num_units} units, inferred on the meta device in "
-        f"{time.perf_counter() - t:.1f} s")
+    if spec is None:
+        spec = ref.spec()
+        log(f"spec: {len(spec.group_sizes)} groups, {spec.num_units} units, inferred on the meta device in "
+            f"{time.perf_counter() - t:.1f} s")
     from ..permutation import identity_permutation
 
     perms = [identity_permutation(spec)]
@@ -69,19 +75,23 @@ def align_folders(model_dirs: Sequence[str], out_dirs: Sequence[str | None], *, 
                 import shutil
 
                 shutil.rmtree(dst, ignore_errors=True)
-                raise RuntimeError(f"aligned {model_dirs[i]} differs from the original by {diff:.2e}; removed "
+                raise AlignmentCheckError(f"aligned {model_dirs[i]} differs from the original by {diff:.2e}; removed "
                                    f"{dst} (a bug in the inferred spec: please report it)")
     return perms
 
 
 def load_float32(folder: str) -> torch.nn.Module:
     """The model of ``folder`` with its weights, in float32 (bf16 and fp16 weights convert exactly)."""
-    import transformers
-
     from ._model import meta_model
 
+    from transformers.utils import logging
+
     cls = type(meta_model(folder))
-    model = cls.from_pretrained(folder, dtype=torch.float32)
+    logging.disable_progress_bar()
+    try:
+        model = cls.from_pretrained(folder, dtype=torch.float32)
+    finally:
+        logging.enable_progress_bar()
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     return model.eval()
