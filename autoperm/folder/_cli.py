@@ -50,7 +50,9 @@ def align_folder_pair(args, log) -> int:
     if args.restarts < 1 or args.max_iter < 0:
         raise CheckpointError("--restarts must be >= 1 and --max-iter >= 0")
     t = time.perf_counter()
-    spec = open_folder(args.a).spec()
+    ref = open_folder(args.a)
+    open_folder(args.b, ref.model)  # both folders checked (keys, shapes, files) before any work
+    spec = ref.spec()
     log(f"spec: {len(spec.group_sizes)} groups, {spec.num_units} units, inferred on the meta device in "
         f"{time.perf_counter() - t:.1f} s")
     perms = align_folders([args.a, args.b], [None, args.output], spec=spec, seed=args.seed, max_iter=args.max_iter,
