@@ -74,10 +74,13 @@ def test_streaming_write_keeps_the_layout_and_permutes_every_tensor(folders):
     assert load_file(str(root / "b" / sorted(WeightFiles(str(root / "a")).files)[0])) is not None
 
 
-@pytest.mark.parametrize("slab_bytes", [1 << 28, 256], ids=["whole", "slabs"])
-def test_streaming_matching_equals_in_memory_matching(folders, slab_bytes):
+@pytest.mark.parametrize("slab_bytes, cache", [(1 << 28, 1 << 14), (256, 1 << 14), (256, 1024)],
+                         ids=["whole", "slabs", "rows-from-files"])
+def test_streaming_matching_equals_in_memory_matching(folders, slab_bytes, cache):
+    """Same permutation as weight_matching, whether products are whole, in slabs of cached tensors, or in
+    slabs of rows read from the files (tensors larger than the cache)."""
     root, spec, _ = folders
-    a, c = open_folder(str(root / "a")).state(1 << 14), open_folder(str(root / "c")).state(1 << 14)
+    a, c = open_folder(str(root / "a")).state(cache), open_folder(str(root / "c")).state(cache)
     in_memory = autoperm.weight_matching(spec, dict(a), dict(c))
     streamed = stream_weight_matching(spec, a, c, slab_bytes=slab_bytes)
     assert all(torch.equal(in_memory[g], streamed[g]) for g in spec.group_sizes)

@@ -160,21 +160,26 @@ class WeightFiles:
     def nbytes(self) -> int:
         return sum(i.nbytes for i in self.infos.values())
 
-    def read(self, key: str) -> torch.Tensor:
-        """``key``'s tensor, freshly read, in its stored dtype."""
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """``key``'s tensor (rows ``start:stop`` of its first axis), freshly read, in its stored dtype."""
         info = self.infos[key]
         if info.start < 0:
-            return self._bin(info.file)[key]
-        t = torch.empty(info.shape, dtype=info.dtype)
-        if not info.nbytes:
+            t = self._bin(info.file)[key]
+            return t if start == 0 and stop is None else t[start:stop]
+        rows = info.shape[0] if info.shape else 1
+        stop = rows if stop is None else min(stop, rows)
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        t = torch.empty(shape, dtype=info.dtype)
+        nbytes = t.numel() * t.element_size()
+        if not nbytes:
             return t
         f = self._open.get(info.file)
         if f is None:
             f = self._open[info.file] = open(os.path.join(self.folder, info.file), "rb", buffering=0)  # noqa: SIM115
         view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
         done = 0
-        f.seek(info.start)
-        while done < info.nbytes:
+        f.seek(info.start + start * (info.nbytes // rows))
+        while done < nbytes:
             n = f.readinto(view[done:done + _CHUNK])
             if not n:
                 raise CheckpointError(f"{os.path.join(self.folder, info.file)}: {key} is cut short (the file is truncated)")
@@ -235,6 +240,16 @@ class LazyState(Mapping):
                 self._held -= old.numel() * old.element_size()
             self._cache[src] = t
             self._held += n
+        return t
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of ``key``'s tensor: from the cache if it is there, else read alone (not cached)."""
+        src = self.source(key)
+        t = self._cache.get(src)
+        if t is not None:
+            return t[start:stop]
+        t = self.files.read(src, start, stop)
+        self.bytes_read += t.numel() * t.element_size()
         return t
 
     def __iter__(self) -> Iterator[str]:

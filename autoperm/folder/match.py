@@ -21,6 +21,7 @@ the solver's reduced float64 copy, plus the solver's own ``O(n_max)``). For Llam
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Mapping
 
@@ -46,9 +47,13 @@ class SlabCostCache(CostCache):
             return super().cost(name, units, perm)
         cost = None
         for u in units:
+            idx = b_indices(self.spec, u, perm, torch.device("cpu"))
+            if self._row_slabs(u, idx):
+                c = self._cost_from_rows(u, idx)
+                cost = c if cost is None else cost.add_(c)
+                continue
             a = self.a[u.key]
             device = a.device
-            idx = b_indices(self.spec, u, perm, device)
             rows = _rows(u, a)
             others = [k for k in range(a.dim()) if k != u.axis]
             if not others or a.numel() <= self.slab:
@@ -66,6 +71,28 @@ class SlabCostCache(CostCache):
                 b_s = _gather(self.b[u.key], u.axis, b_idx, rows).to(self.dtype)
                 cost = a_s @ b_s.T if cost is None else cost.addmm_(a_s, b_s.T)
         return cost
+
+    def _cost_from_rows(self, u, idx) -> torch.Tensor:
+        """``A_G B_G^T`` of ``u`` from slabs of rows read from the files (neither tensor is read whole)."""
+        shape = self.a.info(u.key).shape
+        n_rows, width = shape[0], max(1, math.prod(shape[1:]))
+        rows = shape[u.axis] if u.table is None else u.table[..., 0].numel()
+        per = max(1, self.slab // width)
+        cost = None
+        for s in range(0, n_rows, per):
+            a_idx, b_idx = [None] * len(shape), list(idx)
+            if u.table is not None:
+                a_idx[u.axis] = u.table.reshape(-1)
+            a_s = _gather(self.a.rows(u.key, s, s + per), u.axis, a_idx, rows).to(self.dtype)
+            b_s = _gather(self.b.rows(u.key, s, s + per), u.axis, b_idx, rows).to(self.dtype)
+            cost = a_s @ b_s.T if cost is None else cost.addmm_(a_s, b_s.T)
+        return cost
+
+    def _row_slabs(self, u, idx) -> bool:
+        """Whether ``u``'s tensors are best read slab by slab from the files: larger than the caches, first
+        axis not the unit's and not permuted on the B side (a slab of rows is then one byte range)."""
+        return (u.axis != 0 and idx[0] is None and all(hasattr(s, "rows") and hasattr(s, "info") for s in (self.a, self.b))
+                and self.a.info(u.key).nbytes > self.a.cache_bytes and self.b.info(u.key).nbytes > self.b.cache_bytes)
 
 
 @torch.no_grad()
