@@ -127,7 +127,7 @@ def stream_weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Te
     >>> all(torch.equal(x, y) for x, y in zip(p.values(), autoperm.weight_matching(spec, a, b).values()))
     True
     """
-    check_states(spec, state_a=state_a, state_b=state_b)
+    _check(spec, state_a=state_a, state_b=state_b)
     if restarts < 1 or max_iter < 0:
         raise ValueError("restarts must be >= 1 and max_iter >= 0")
     permuted = [k for k, ex in spec.axes.items() if any(ex)]
@@ -152,6 +152,31 @@ def stream_weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Te
             best, best_obj = perm, obj
     bar.close()
     return {g: p.cpu() for g, p in best.items()}
+
+
+def _check(spec: PermutationSpec, slab_bytes: int = 1 << 26, **states) -> None:
+    """``check_states`` for lazy states: shapes and dtypes from the file headers, finiteness slab by slab
+    of rows (no tensor is read whole, each is read once); other mappings go to ``check_states``."""
+    if not all(hasattr(s, "info") and hasattr(s, "rows") for s in states.values()):
+        return check_states(spec, **states)
+    for name, state in states.items():
+        for key, exprs in spec.axes.items():
+            if key not in state:
+                raise ValueError(f"{name} has no key {key!r} that the spec permutes")
+            info = state.info(key)
+            want = spec.shapes.get(key)
+            if len(info.shape) != len(exprs) or (want is not None and list(info.shape) != list(want)):
+                raise ValueError(f"{name}[{key!r}] ({info.file}) has shape {info.shape}, the spec expects "
+                                 f"{tuple(want) if want is not None else f'{len(exprs)} axes'}")
+            if not any(exprs) or state.source(key) != key:  # a tied key is checked as the key that holds it
+                continue
+            if not info.dtype.is_floating_point:
+                raise ValueError(f"{name}[{key!r}] ({info.file}) must be floating point, got {info.dtype}")
+            rows = info.shape[0] if info.shape else 1
+            per = max(1, slab_bytes // max(1, info.nbytes // max(1, rows)))
+            for start in range(0, rows, per):
+                if not bool(torch.isfinite(state.rows(key, start, start + per)).all()):
+                    raise ValueError(f"{name}[{key!r}] ({info.file}) has NaN or infinite values")
 
 
 class _Sizes(Mapping):
