@@ -276,8 +276,10 @@ def bench_1b(name: str = "1b") -> None:
     found = permutation_from_dict(json.load(open(out + ".perm.json")))
     inv = inverse_permutation(planted)
     exact = all(torch.equal(found[g], inv[g]) for g in inv)
-    same = all(_sha(os.path.join(a, f)) == _sha(os.path.join(out, f)) for f in os.listdir(a) if f.endswith(".safetensors"))
-    print(f"{name}: planted permutation recovered exactly: {exact}; aligned files byte-identical to A: {same}", flush=True)
+    shards = [f for f in os.listdir(a) if f.endswith(".safetensors")]
+    same = all(_sha(os.path.join(a, f)) == _sha(os.path.join(out, f)) for f in shards)
+    print(f"{name}: planted permutation recovered exactly: {exact}; aligned files byte-identical to A: {same}",
+          flush=True)
     with open(os.path.join(ROOT, "results.jsonl"), "a") as f:
         f.write(json.dumps({"step": f"check-{name}", "recovered": exact, "byte_identical": same}) + "\n")
     run("whole", a, b)

@@ -90,7 +90,8 @@ def test_streaming_matching_equals_in_memory_matching(folders, slab_bytes, cache
 def test_align_folders_recovers_the_planted_permutation(folders, tmp_path, capsys):
     root, spec, perm = folders
     out = tmp_path / "aligned"
-    assert main(["align", str(root / "a"), str(root / "b"), "-o", str(out), "--perm-out", str(tmp_path / "p.json")]) == 0
+    argv = ["align", str(root / "a"), str(root / "b"), "-o", str(out), "--perm-out", str(tmp_path / "p.json")]
+    assert main(argv) == 0
     found = permutation_from_dict(json.loads((tmp_path / "p.json").read_text()))
     inv = autoperm.inverse_permutation(perm)
     assert all(torch.equal(found[g], inv[g]) for g in inv)

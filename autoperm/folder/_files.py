@@ -182,7 +182,8 @@ class WeightFiles:
         while done < nbytes:
             n = f.readinto(view[done:done + _CHUNK])
             if not n:
-                raise CheckpointError(f"{os.path.join(self.folder, info.file)}: {key} is cut short (the file is truncated)")
+                raise CheckpointError(f"{os.path.join(self.folder, info.file)}: {key} is cut short "
+                                      "(the file is truncated)")
             done += n
         return t
 

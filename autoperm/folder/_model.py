@@ -42,7 +42,8 @@ def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
     """``{key: first key}`` for state-dict keys that share a tensor with an earlier key (tied weights)."""
     first: dict = {}
     out = {}
-    for name, p in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, p in tensors:
         if id(p) in first:
             out[name] = first[id(p)]
         else:

@@ -22,8 +22,8 @@ class AlignmentCheckError(RuntimeError):
     """An aligned copy computes something else than its source (a bug in the inferred spec)."""
 
 
-def align_folders(model_dirs: Sequence[str], out_dirs: Sequence[str | None], *, spec=None, seed: int = 0, max_iter: int = 100,
-                  restarts: int = 1, cache_bytes: int = 1 << 28, verify: bool | None = None,
+def align_folders(model_dirs: Sequence[str], out_dirs: Sequence[str | None], *, spec=None, seed: int = 0,
+                  max_iter: int = 100, restarts: int = 1, cache_bytes: int = 1 << 28, verify: bool | None = None,
                   log: Callable[[str], None] | None = None, extra: dict | None = None) -> list[dict]:
     """Align the folders ``model_dirs[1:]`` to ``model_dirs[0]`` by weight matching; write them to ``out_dirs``.
 

@@ -91,7 +91,8 @@ class SlabCostCache(CostCache):
     def _row_slabs(self, u, idx) -> bool:
         """Whether ``u``'s tensors are best read slab by slab from the files: larger than the caches, first
         axis not the unit's and not permuted on the B side (a slab of rows is then one byte range)."""
-        return (u.axis != 0 and idx[0] is None and all(hasattr(s, "rows") and hasattr(s, "info") for s in (self.a, self.b))
+        lazy = all(hasattr(s, "rows") and hasattr(s, "info") for s in (self.a, self.b))
+        return (u.axis != 0 and idx[0] is None and lazy
                 and self.a.info(u.key).nbytes > self.a.cache_bytes and self.b.info(u.key).nbytes > self.b.cache_bytes)
 
 
