@@ -44,6 +44,7 @@ CONFIGS = {
 }
 CONFIGS["tiny"] = dict(CONFIGS["1b"], vocab_size=1000, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # a smoke test of this script
+TIMED_ELEMENTS = 64 << 20
 SHARD = {"1b": None, "8b": 5_000_000_000, "tiny": 100_000}  # the Hub's layouts: one file; shards of at most 5 GB
 
 
@@ -151,21 +152,28 @@ def step_align(a: str, b: str, out: str) -> dict:
 
 
 def step_whole(a: str, b: str) -> dict:
-    """Both models loaded whole, as the in-memory path does (bf16 kept), and their state dicts."""
-    import transformers
+    """Both models loaded whole, as the in-memory path does (bf16 kept), every tensor touched once (the
+    safetensors loader may map the files: their pages count once they are read, as matching reads them)."""
+    from autoperm.folder import WeightFiles
+    from autoperm.io import load_checkpoint
 
-    ma = transformers.LlamaForCausalLM.from_pretrained(a, dtype=torch.bfloat16)
-    mb = transformers.LlamaForCausalLM.from_pretrained(b, dtype=torch.bfloat16)
-    n = sum(t.numel() * t.element_size() for m in (ma, mb) for t in m.state_dict().values())
+    n = 0
+    states = []
+    for folder in (a, b):
+        state = {}
+        for f in WeightFiles(folder).files:
+            state.update(load_checkpoint(os.path.join(folder, f)))
+        n += sum(float(t.sum()) * 0 + t.numel() * t.element_size() for t in state.values())
+        states.append(state)
     return {"state_gb": n / 1e9}
 
 
 def step_groups(a: str, b: str) -> dict:
     """Time one cost + assignment of every group kind (layer 0 stands for every layer); extrapolate a sweep.
 
-    A group that acts on every layer (the residual stream) has its cost timed on the tensors of
-    the embedding-free layer 0 alone and scaled by element count (the products are linear in it);
-    the assignment is timed on the full-size matrix."""
+    Each kind's cost is timed on its first units up to ``TIMED_ELEMENTS`` elements (at least one
+    unit; for a group on every layer, layer 0's units) and scaled by element count: the products are
+    linear in it. The assignment is timed on the full-size matrix."""
     import numpy as np
 
     from autoperm.folder import open_folder
@@ -190,7 +198,12 @@ def step_groups(a: str, b: str) -> dict:
         units = layout.units[g]
         if not units:
             continue
-        timed = [u for u in units if "layers.0." in u.key] if len(units) > 16 else units
+        timed, total = [], 0  # the first units, up to 64 M elements (at least one): products are linear in them
+        for u in ([u for u in units if "layers.0." in u.key] if len(units) > 16 else units):
+            if timed and total + numel([u]) > TIMED_ELEMENTS:
+                break
+            timed.append(u)
+            total += numel([u])
         t0 = time.perf_counter()
         c = costs.cost(None, timed, perm)
         t1 = time.perf_counter()
