@@ -236,3 +236,52 @@ def test_cli_errors_are_one_line_for_checkpoints_too(tmp_path, capsys):
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert str(tmp_path / "b.safetensors") in err and key in err and "NaN" in err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_align_interrupted_mid_write_then_rerun(folders, tmp_path, monkeypatch):
+    """`autoperm align` stopped in the middle of writing: nothing in place; the same command again finishes it."""
+    import autoperm.folder.write as write
+
+    root = folders[0]
+    argv = ["align", str(root / "a"), str(root / "b"), "-o", str(tmp_path / "out"), "-q"]
+    real = write._write_safetensors
+    calls = []
+
+    def once_then_stop(*args, **kw):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if the process were stopped during the second shard
+        return real(*args, **kw)
+
+    monkeypatch.setattr(write, "_write_safetensors", once_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(write, "_write_safetensors", real)
+    assert main(argv) == 0
+    a, out = _tensors(root / "a"), _tensors(tmp_path / "out")
+    assert all(torch.equal(a[k], out[k]) for k in a)
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_mergekit_prepass_names_a_missing_shard_and_writes_nothing(folders, tmp_path):
+    yaml = pytest.importorskip("yaml")
+    from autoperm.io import CheckpointError
+    from autoperm.plugins.mergekit import prepare_config
+
+    broken, shards = _broken_copy(folders, tmp_path, "broken")
+    os.unlink(broken / shards[0])
+    cfg = {"models": [{"model": str(folders[0] / "a")}, {"model": str(broken)}], "merge_method": "linear"}
+    (tmp_path / "m.yml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointError, match=shards[0]):
+        prepare_config(str(tmp_path / "m.yml"), str(tmp_path / "out"))
+    assert not os.listdir(tmp_path / "out")
+
+
+def test_inspect_check_and_barrier_on_folders(folders, capsys):
+    root = folders[0]
+    assert main(["inspect", str(root / "a"), "--check", "-q"]) == 0
+    assert "invariance check" in capsys.readouterr().out
+    assert main(["barrier", str(root / "a"), str(root / "b"), "--data", "digits", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "folders" in err
