@@ -9,9 +9,11 @@
     autoperm barrier --model mymodels:mlp a.pt b.pt --data digits --plot curve.png
     autoperm zoo ...                                  # the coverage run (autoperm.zoo)
 
-MODEL is a timm name or ``package.module:factory`` (see :mod:`autoperm.models`); the full
-reference is docs/cli.md. Exit status: 0 on success, 1 when a check fails (the aligned model
-computes something else), 2 on bad arguments, models, checkpoints or data.
+MODEL is a timm name or ``package.module:factory`` (see :mod:`autoperm.models`), or a local
+transformers folder (config.json + weights: read tensor by tensor, see :mod:`autoperm.folder`);
+the full reference is docs/cli.md. Exit status: 0 on success, 1 when a check fails (the aligned
+model computes something else), 2 on bad arguments, models, checkpoints or data. Errors are one
+line; ``AUTOPERM_DEBUG=1`` shows the traceback.
 """
 from __future__ import annotations
 
@@ -72,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", parents=[model_opts], help="list a model's permutation groups and pinned axes",
                          description="Infer the permutation spec of MODEL and print its groups and pinned axes.")
-    ins.add_argument("model", metavar="MODEL", help="timm model name or package.module:factory")
+    ins.add_argument("model", metavar="MODEL",
+                     help="timm model name, package.module:factory, or a transformers model folder")
     ins.add_argument("--json", action="store_true", help="print the spec as JSON (docs/spec-format.md)")
     ins.add_argument("-o", "--output", metavar="FILE", help="write the output to FILE instead of stdout")
     ins.add_argument("-v", "--verbose", action="store_true", help="list every member axis of every group")
@@ -123,8 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _pair_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="MODEL", help="timm model name or package.module:factory")
-    p.add_argument("a", metavar="A", help="reference checkpoint (.safetensors, .pt, .pth, .bin, .ckpt)")
+    p.add_argument("--model", metavar="MODEL", help="timm model name or package.module:factory (not needed when "
+                   "A and B are transformers model folders)")
+    p.add_argument("a", metavar="A", help="reference checkpoint (.safetensors, .pt, .pth, .bin, .ckpt) or "
+                                          "transformers model folder")
     p.add_argument("b", metavar="B", help="checkpoint to align to A")
 
 
@@ -155,13 +160,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .models import ModelError
     from ._trace import TraceError
 
+    from .folder.align import AlignmentCheckError
+
     try:
         return args.func(args) or 0
-    except (CLIError, CheckpointError, ModelError, TraceError) as e:
-        print(f"autoperm {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
     except BrokenPipeError:  # `autoperm inspect ... | head`
         return 0
+    except AlignmentCheckError as e:
+        _error(args, e)
+        return EXIT_CHECK_FAILED
+    except (CLIError, CheckpointError, ModelError, TraceError) as e:
+        _error(args, e)
+        return EXIT_USAGE
+    except (ValueError, KeyError, TypeError, RuntimeError, OSError, ImportError, MemoryError) as e:
+        _error(args, e, kind=True)  # not one of autoperm's own messages: say what kind of error it is
+        return EXIT_USAGE
+
+
+def _error(args, e: BaseException, kind: bool = False) -> None:
+    """Print ``e`` as one line (its first line; the type too if ``kind``); the traceback with AUTOPERM_DEBUG=1."""
+    if os.environ.get("AUTOPERM_DEBUG"):
+        raise e
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()] or [type(e).__name__]
+    more = " ..." if len(lines) > 1 else ""
+    prefix = f"{type(e).__name__}: " if kind else ""
+    print(f"autoperm {args.command}: error: {prefix}{lines[0]}{more} (AUTOPERM_DEBUG=1 shows the traceback)"
+          if kind else f"autoperm {args.command}: error: {lines[0]}{more}", file=sys.stderr)
 
 
 # -- shared steps ---------------------------------------------------------------------------------
@@ -173,6 +198,8 @@ def _log(args, msg: str) -> None:
 def _resolve(args):
     from .models import parse_model_args, resolve_model
 
+    if not args.model:
+        raise CLIError("--model is required unless A and B are transformers model folders")
     t = time.perf_counter()
     rm = resolve_model(args.model, input_shape=args.input_shape, model_args=parse_model_args(args.model_arg))
     shapes = ", ".join("x".join(map(str, s)) for s in rm.input_shapes)
@@ -294,6 +321,8 @@ def _align(args, rm, spec, a, b, data: _Data | None):
         if "not available" in str(e):
             raise CLIError(str(e)) from e
         raise
+    except ValueError as e:  # bad weights (NaN, a dtype): name the files, not the matcher's arguments
+        raise CLIError(str(e).replace("state_a", args.a).replace("state_b", args.b)) from e
     perm = perms[1]
     moved = sum(int((p.cpu() != torch.arange(p.shape[-1])).sum()) for p in perm.values())
     _log(args, f"{args.method} matching: {moved} of {spec.num_units} units moved, {time.perf_counter() - t:.1f} s")
@@ -312,12 +341,18 @@ def _verify(args, rm, b, aligned):
 
 # -- commands -------------------------------------------------------------------------------------
 def cmd_inspect(args) -> int:
+    from .folder import is_model_folder
     from .io import write_text
 
-    rm = _resolve(args)
-    spec = _infer(args, rm)
-    err = None
-    if args.check:  # on perturbed weights: zero-initialised heads could hide a wrong permutation
+    if is_model_folder(args.model):
+        from .folder._cli import inspect_folder
+
+        spec, rm, err = inspect_folder(args, lambda m: _log(args, m))
+    else:
+        rm = _resolve(args)
+        spec = _infer(args, rm)
+        err = None
+    if args.check and err is None:  # on perturbed weights: zero-initialised heads could hide a wrong permutation
         from .check import randomize_
         from .equivalence import invariance_verdict
 
@@ -341,6 +376,12 @@ def cmd_align(args) -> int:
     for extra in (args.output, args.perm_out, args.spec_out):
         if extra and any(_same_path(extra, i) for i in inputs):
             raise CLIError(f"refusing to write {extra}: it is an input; choose another path")
+    from .folder import is_model_folder
+
+    if is_model_folder(args.a) or is_model_folder(args.b):
+        from .folder._cli import align_folder_pair
+
+        return align_folder_pair(args, lambda m: _log(args, m))
     rm = _resolve(args)
     spec = _infer(args, rm)
     a, b = _load_pair(args, rm)
@@ -373,8 +414,12 @@ def cmd_barrier(args) -> int:
         raise CLIError(f"barrier evaluation is not available: {e}") from e
     import numpy as np
 
+    from .folder import is_model_folder
     from .io import write_text
 
+    if is_model_folder(args.a) or is_model_folder(args.b):
+        raise CLIError("barrier does not take model folders yet (language models need token data with labels); "
+                       "align them with `autoperm align A_DIR B_DIR -o OUT_DIR`")
     rm = _resolve(args)
     spec = _infer(args, rm)
     a, b = _load_pair(args, rm)

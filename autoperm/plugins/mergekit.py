@@ -1,9 +1,11 @@
 """A mergekit pre-pass: align the models a mergekit config names, and point the config at them.
 
 mergekit merges one tensor at a time, so it cannot align hidden units itself. This pre-pass reads
-a mergekit YAML config, loads every model it names (local transformers folders), aligns each to
-the reference (``base_model`` if the config has one, else the first model), writes the aligned
-copies as transformers folders and writes a new config that names them. mergekit then merges
+a mergekit YAML config, aligns every model it names (local transformers folders) to the reference
+(``base_model`` if the config has one, else the first model), writes the aligned copies as
+transformers folders and writes a new config that names them. Weight matching streams: the spec
+comes from the meta device, tensors are read one at a time and each aligned copy is written shard
+by shard (:mod:`autoperm.folder`), so models larger than memory are aligned too. mergekit then merges
 the aligned models as usual::
 
     autoperm mergekit merge.yml -o aligned/             # or: python -m autoperm.plugins.mergekit
@@ -77,6 +79,10 @@ def align_model_dirs(model_dirs: Sequence[str], out_dirs: Sequence[str | None], 
         for o in out_dirs:
             if o is not None and (_inside(o, d) or _inside(d, o)):
                 raise ValueError(f"refusing to write aligned weights into an input folder: {o}")
+    if method == "weight" and example_inputs is None:  # streamed: no model is loaded whole (autoperm.folder)
+        from ..folder import align_folders
+
+        return align_folders(model_dirs, out_dirs, seed=seed, **matcher_options)
     models = [load_hf_model(d) for d in model_dirs]
     example = example_inputs if example_inputs is not None else hf_example_inputs(models[0], seed=seed)
     example = example if isinstance(example, tuple) else (example,)
