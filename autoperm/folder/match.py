@@ -32,8 +32,10 @@ from typing import Mapping
 import torch
 from tqdm.auto import tqdm
 
+from ..matching._blocks import expand_rows, shared_view
 from ..matching._costs import CostCache, _gather, _rows, b_indices, build_layout, check_states, objective
 from ..matching.weight import _descend, _kept, _seed
+from ..permutation import with_blocks
 from ..spec import PermutationSpec
 
 __all__ = ["stream_weight_matching", "SlabCostCache"]
@@ -117,7 +119,9 @@ def stream_weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Te
         stats: filled with ``sweeps`` and ``solves`` (as ``descend_groups``).
 
     Returns:
-        ``{group: LongTensor}``, as ``weight_matching``.
+        ``{group: LongTensor}``, as ``weight_matching``. Under a spec with groups per block the
+        search keeps one inner permutation for all blocks (the shared-inner subgroup: the block
+        step reads whole tensors of every layer at once), returned with one row per block.
 
     Raises:
         ValueError: a key of ``spec.axes`` is missing, of the wrong shape, not floating point or not
@@ -133,6 +137,7 @@ def stream_weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Te
     True
     """
     _check(spec, state_a=state_a, state_b=state_b)
+    full, spec = spec, shared_view(spec)
     if restarts < 1 or max_iter < 0:
         raise ValueError("restarts must be >= 1 and max_iter >= 0")
     permuted = [k for k, ex in spec.axes.items() if any(ex)]
@@ -156,7 +161,7 @@ def stream_weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Te
         if best is None or obj > best_obj:
             best, best_obj = perm, obj
     bar.close()
-    return {g: p.cpu() for g, p in best.items()}
+    return with_blocks(expand_rows(full, {g: p.cpu() for g, p in best.items()}), full)
 
 
 def _check(spec: PermutationSpec, slab_bytes: int = 1 << 26, **states) -> None:

@@ -23,7 +23,7 @@ import shutil
 import torch
 
 from ..io import CheckpointError, permutation_to_dict
-from ..permutation import axis_index, validate_permutation
+from ..permutation import permute_tensor, validate_permutation
 from ._files import WeightFiles
 
 __all__ = ["write_permuted_folder", "PERMUTATION_FILE"]
@@ -41,11 +41,7 @@ def _fingerprint(files: WeightFiles, perm) -> str:
 
 
 def _permuted(spec, perm, key: str, t: torch.Tensor) -> torch.Tensor:
-    for axis, e in enumerate(spec.axes.get(key) or ()):
-        idx = axis_index(e, perm)
-        if idx is not None:
-            t = t.index_select(axis, idx)
-    return t
+    return permute_tensor(spec, perm, key, t) if key in spec.axes else t
 
 
 def _sync_write(path: str, write) -> None:
