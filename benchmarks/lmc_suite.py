@@ -63,7 +63,9 @@ def jobs(smoke: bool) -> list[dict]:
     ste = [dict(name=f"resnet-ln-w{w}-ste", family="resnet", norm="ln", width=w, epochs=e, ste=True, only_ste=True)
            for w in (1, 2)]
     # most important first: an interrupted run keeps the LayerNorm width sweep, then BatchNorm, ...
-    out = ln + bn[:3] + none[:2] + fam + ste[:1] + [none[2], bn[3], ste[1], none[3]]
+    f = {j["name"]: j for j in fam}
+    out = (ln + bn[:2] + none[:2] + [f["mixer-w1"], f["convnext-w1"], f["vgg-w1"], bn[2], f["mixer-w2"],
+                                     f["convnext-w2"], f["vgg-w2"], ste[0], none[2], ste[1], bn[3], none[3]])
     return out
 
 
