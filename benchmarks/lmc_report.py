@@ -115,7 +115,7 @@ def bn_table(res: dict) -> str:
                 continue
             as_is, reset = R[m]["test_loss_max_mean"], R[f"{m} + BN reset"]["test_loss_max_mean"]
             rep = R.get(f"{m} + REPAIR", {}).get("test_loss_max_mean", float("nan"))
-            rows.append([f"w{w}", m, as_is, reset, rep, _pct(1 - reset / as_is) if as_is > 0 else "—",
+            rows.append([f"w{w}", m, as_is, reset, rep if rep == rep else "—", _pct(1 - reset / as_is) if as_is > 0 else "—",
                          _pct(1 - rep / as_is) if as_is > 0 and rep == rep else "—",
                          f"{100 * R[m]['test_acc_mid']:.1f} / {100 * R[f'{m} + BN reset']['test_acc_mid']:.1f}"
                          + (f" / {100 * R[f'{m} + REPAIR']['test_acc_mid']:.1f}" if f"{m} + REPAIR" in R else "")])
