@@ -24,6 +24,7 @@ import torch
 
 from ._atoms import Stacked
 from .rules.letters import get_letters
+from .rules.moe import routed_rows
 
 __all__ = ["per_block"]
 
@@ -33,9 +34,20 @@ _STRUCTURE_OK = {"move", "group_norm", "conv"}  # signatures whose ops may ask f
 class _Tree:
     """Leaves of an atom and how they nest, read off the final atom table."""
 
-    def __init__(self, atoms):
+    def __init__(self, atoms, routed=()):
         self.atoms = atoms
         self._leaves: dict[int, tuple] = {}
+        self.routed = {}  # rows atom -> the expert atom each row is routed to (free leaves only)
+        for rows, expert in routed:
+            r, e = atoms.find(rows), atoms.find(expert)
+            if self.is_leaf(r) and atoms.pinned(r) is None and self.routed.get(r, e) == e:
+                self.routed[r] = e
+            else:
+                self.routed[r] = None  # rows of two experts' sorts, or rows that may not move: no block
+
+    def routes(self, a, h) -> bool:
+        """``a`` is the sorted rows of a routing whose every row r belongs to block e(r) of ``h``."""
+        return self.routed.get(self.atoms.find(a)) == h and self.atoms.root(a).kind is None
 
     def is_leaf(self, a) -> bool:
         r = self.atoms.root(a)
@@ -74,7 +86,9 @@ class _Tree:
         return all(self.covered(p, h, d, have) for p in parts)
 
     def full(self, a, h) -> bool:
-        """``h`` has a coordinate at every index of ``a``."""
+        """``h`` has a coordinate at every index of ``a`` (its own, or the block its row is routed to)."""
+        if self.routes(a, h):
+            return True
         r = self.atoms.root(a)
         if r.kind is None:
             return r.size > 1 and self.atoms.find(a) == h
@@ -104,12 +118,13 @@ def _place(tree, lay, h, d):
     d_axes = [i for i, a in enumerate(lay) if d in tree.leaves(a)]
     if not d_axes:
         return None
-    if len(d_axes) > 1 or tree.leaves(lay[d_axes[0]]).count(d) > 1 and not tree.covered(lay[d_axes[0]], h, d):
+    if len(d_axes) > 1:
         return "bad"
     i = d_axes[0]
-    h_axes = [j for j, a in enumerate(lay) if h in tree.leaves(a)]
+    h_axes = [j for j, a in enumerate(lay) if h in tree.leaves(a) or tree.routes(a, h)]
     if tree.covered(lay[i], h, d):
         return ("joint", i) if h_axes == [i] else "bad"
+    # split: d may recur along its axis (gate and up halves concatenated), each copy moved by its element's block
     if h in tree.leaves(lay[i]) or len(h_axes) != 1 or not tree.full(lay[h_axes[0]], h):
         return "bad"
     return ("split", i, h_axes[0])
@@ -200,7 +215,7 @@ def _group_norm_ok(ctx, tree, x, groups, h, d) -> bool:
 def per_block(ctx, keys_layouts: dict) -> dict[int, int]:
     """``{inner leaf: block leaf}`` for every inner group that may permute independently per block."""
     atoms = ctx.atoms
-    tree = _Tree(atoms)
+    tree = _Tree(atoms, routed_rows(ctx).values())
     free = lambda a: tree.is_leaf(a) and atoms.pinned(a) is None  # noqa: E731
     state = [lay for lay in keys_layouts.values() if lay is not None]
     cands: dict[tuple[int, int], None] = {}

@@ -65,7 +65,8 @@ def _arg(node, i, name, default=None):
 _MOVE = """reshape view _unsafe_view reshape_as view_as _reshape_alias flatten unflatten permute transpose swapaxes
 swapdims t numpy_T unsqueeze squeeze expand expand_as broadcast_to contiguous clone alias detach _to_copy to type_as
 lift_fresh_copy unbind select slice slice_copy narrow split split_with_sizes split_with_sizes_copy chunk
-tensor_split unsafe_split cat concat concatenate stack dropout native_dropout feature_dropout alpha_dropout"""
+tensor_split unsafe_split cat concat concatenate stack dropout native_dropout feature_dropout alpha_dropout
+_assert_tensor_metadata"""
 _POINTWISE = """relu relu_ gelu gelu_ silu silu_ sigmoid sigmoid_ tanh tanh_ hardswish hardswish_ hardsigmoid
 hardsigmoid_ hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ selu celu mish mish_ softplus relu6 neg exp log
 log1p expm1 sqrt rsqrt abs square sin cos erf reciprocal sign floor ceil round trunc frac clamp clamp_ clamp_min
@@ -212,3 +213,23 @@ def _group_norm(node):
 @register_letters("aten.native_group_norm")
 def _native_group_norm(node):
     return ("group_norm", node.args[0], node.args[7])
+
+
+@register_letters("aten._grouped_mm", "transformers.grouped_mm_fallback", "autoperm.grouped_mm")
+def _grouped_mm(node):
+    """2-D rows by 3-D expert weights with offsets: row r meets only expert e(r)'s weight, so the rows axis and the
+    expert axis share the block letter ``r``. ``_blocks`` accepts a rows axis as a block axis only where the MoE
+    rule proved the rows sorted by the ids that address the experts (``rules.moe.routed_rows``); anywhere else
+    the rows carry no block and the inner group stays shared. 3-D by 3-D is a batched matmul."""
+    x, w = node.args[0], node.args[1]
+    offs = _arg(node, 2, "offs")
+    bias = _arg(node, 3, "bias")
+    if len(_shape(x)) == 3 and len(_shape(w)) == 3 and offs is None:
+        ops, out = [(x, ["r", "m", "k"]), (w, ["r", "k", "n"])], ["r", "m", "n"]
+    elif len(_shape(x)) == 2 and len(_shape(w)) == 3 and isinstance(offs, torch.fx.Node):
+        ops, out = [(x, ["r", "k"]), (w, ["r", "k", "n"])], ["r", "n"]
+    else:
+        raise ValueError("grouped matmul of other ranks")
+    if isinstance(bias, torch.fx.Node):
+        ops.append((bias, ["r", "n"] if len(_shape(bias)) == 2 else ["n"]))
+    return ("letters", ops, out)
