@@ -24,7 +24,8 @@ import torch
 
 from ._atoms import Stacked
 from .rules.letters import get_letters
-from .rules.moe import routed_rows
+from .rules._ids import source
+from .rules.moe import _sorts, routed_rows
 
 __all__ = ["per_block"]
 
@@ -156,6 +157,8 @@ def _node_ok(ctx, tree, node, h, d, structured) -> bool:
         return True
     if kind == "letters":
         return _letters_ok(ctx, tree, node, sig[1], sig[2], h, d)
+    if kind == "pick":
+        return _pick_ok(ctx, tree, node, sig[1], sig[2], h, d) or all(p is None or p[0] == "joint" for p in places)
     if kind == "conv":
         return _conv_ok(ctx, tree, sig[1], sig[2], sig[3], h, d)
     if kind == "group_norm":
@@ -180,6 +183,21 @@ def _letters_ok(ctx, tree, node, ops, out_letters, h, d) -> bool:
         return True
     hl = blocks.pop()
     return hl in out_letters or all(dl == hl or dl not in out_letters for dl, _ in seen)
+
+
+def _pick_ok(ctx, tree, node, x, idx, h, d) -> bool:
+    """``out[r] = x[ids[r]]`` with ``ids`` the sorted expert ids of a routing sort whose rows are routed to ``h``:
+    row r belongs to block ids[r] = e(r) and takes that block's row of x (a per-expert bias)."""
+    src = source(idx)
+    entry = _sorts(ctx).get(src[0]) if isinstance(src, tuple) and src[1] == 0 else None
+    if entry is None or tree.atoms.find(entry[0]) != h or not tree.routes(entry[1], h):
+        return False
+    li, lx, lo = _first(ctx, idx), _first(ctx, x), _first(ctx, node)
+    if li is None or lx is None or lo is None or _place(tree, li, h, d) is not None:
+        return False
+    px, po = _place(tree, lx, h, d), _place(tree, lo, h, d)
+    return (px is not None and px[0] == "split" and px[2] == 0 and po == ("split", px[1], 0)
+            and tree.routes(lo[0], h) and tree.atoms.find(lo[0]) == tree.atoms.find(entry[1]))
 
 
 def _conv_ok(ctx, tree, x, w, groups, h, d) -> bool:

@@ -233,3 +233,13 @@ def _grouped_mm(node):
     if isinstance(bias, torch.fx.Node):
         ops.append((bias, ["r", "n"] if len(_shape(bias)) == 2 else ["n"]))
     return ("letters", ops, out)
+
+
+@register_letters("aten.index.Tensor", "aten._unsafe_index.Tensor")
+def _index(node):
+    """``x[idx]`` along axis 0 by one index tensor: checked by ``_blocks`` only as a per-row pick of per-expert
+    rows by a routing sort's sorted ids (row r takes expert e(r)'s row); any other indexing keeps inner groups shared."""
+    x, idx = node.args[0], node.args[1]
+    if len(idx) != 1 or not isinstance(idx[0], torch.fx.Node) or len(_shape(idx[0])) != 1:
+        raise ValueError("not one 1-D index tensor on axis 0")
+    return ("pick", x, idx[0])
