@@ -7,7 +7,9 @@ sound when every op of the graph is equivariant under the larger group. This mod
 op by op, from how each op pairs indices (``rules/letters.py``):
 
 - every tensor that carries ``d`` must carry ``h`` at every one of its positions, either fused with
-  ``d`` in one axis (an enclosing product with ``h`` as a part) or on exactly one other axis;
+  ``d`` in one axis (an enclosing product with ``h`` as a part) or on exactly one other axis; that
+  axis may be the sorted rows of a routing whose grouped matmul the MoE rule proved (row r belongs
+  to the block of its expert e(r): ``rules.moe.routed_rows``);
 - an op that only moves elements is then equivariant; an op that aggregates along axes must not
   aggregate ``h`` without ``d`` (a softmax or sum over heads would mix different heads' dims);
 - a contraction must index ``h`` with one letter in all operands that carry ``d``, and must not
