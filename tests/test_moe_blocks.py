@@ -92,3 +92,41 @@ def test_planted_full_group_element_of_a_grouped_moe_is_recovered():
     for g in spec.group_sizes:
         assert torch.equal(wm[g], inv[g]), g
         assert torch.equal(am[g], inv[g]), g
+
+
+class _PickedBias(FusedMoE):
+    """The grouped path with a per-expert hidden bias picked per row by the sorted ids (as GPT-OSS does), or by
+    ids shifted by one (then the ids are read as numbers: the experts are pinned and nothing is per expert)."""
+
+    def __init__(self, *args, shift=0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shift = shift
+        self.expert_bias = torch.nn.Parameter(torch.randn(self.experts, self.gate_up_proj.shape[1] // 2))
+
+    def forward(self, x):
+        h = x.reshape(-1, x.shape[-1])
+        w, ids = torch.topk(self.router(h).softmax(-1), self.k, dim=-1)
+        ids_g, perm = torch.sort(ids.reshape(-1))
+        rows = h[perm // self.k]
+        offs = torch.cumsum(torch.histc(ids_g.float(), bins=self.experts, min=0, max=self.experts - 1), 0,
+                            dtype=torch.int32)
+        gate, up = torch.ops.autoperm.grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
+        pick = (ids_g + self.shift) % self.experts if self.shift else ids_g
+        out = torch.ops.autoperm.grouped_mm(F.silu(gate) * up + self.expert_bias[pick], self.down_proj.transpose(1, 2),
+                                            offs)
+        out = out * w.reshape(-1)[perm].unsqueeze(-1)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.size(0))
+        return x + out[inv].view(h.shape[0], self.k, -1).sum(1)
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_a_per_expert_bias_picked_by_the_sorted_ids_goes_with_its_expert(shift):
+    spec, err = spec_and_error(_PickedBias(8, 4, experts=4, k=2, shift=shift), torch.randn(6, 8))
+    assert err < TOL
+    hidden = spec.axes["expert_bias"][1]["g"]
+    if shift:
+        assert spec.axes["router.weight"][0] is None and not spec.per
+    else:
+        assert spec.axes["expert_bias"][0] == spec.axes["router.weight"][0] is not None
+        assert spec.per[hidden] == spec.axes["router.weight"][0]["g"]

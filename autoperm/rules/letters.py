@@ -10,7 +10,9 @@ family as a *signature* (see ``autoperm._blocks``):
   symmetrically (sums, means, norms, softmax, normalisation statistics);
 - ``("letters", [(value, letters), ...], out_letters)``: an einsum-like contraction: axes with
   one letter share their index; letters missing from the output are summed over;
-- ``("conv", x, weight, groups)`` and ``("group_norm", x, num_groups)``: their own checks.
+- ``("conv", x, weight, groups)`` and ``("group_norm", x, num_groups)``: their own checks;
+- ``("pick", x, idx)``: ``x[idx]`` along axis 0, independent per block only as a pick of per-expert rows
+  by a routing sort's sorted ids (checked with the MoE rules' records).
 
 An op with no entry allows independent inner permutations only where it sees the block and inner
 groups fused in one axis (then it treats that axis as one index); anywhere else the inner group
