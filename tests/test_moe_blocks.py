@@ -42,13 +42,17 @@ def test_gathered_experts_keep_one_hidden_permutation(how):
     assert _hidden(spec, "moes.0.down_proj") not in spec.per
 
 
-class _SharedHiddenBias(FusedMoE):
-    """The grouped path with one bias over the hidden units added for every expert: hidden unit j of
-    every expert meets bias[j], so the experts must share their hidden permutation."""
+class _HiddenBias(FusedMoE):
+    """The grouped path with a bias over the hidden units: ``"shared"`` adds one bias for every expert (hidden
+    unit j of every expert meets bias[j]: one permutation for all); ``"picked"`` picks each row's expert's bias
+    by the sorted ids (as GPT-OSS does); ``"shifted"`` picks by ids shifted by one (read as numbers: the
+    experts are pinned and nothing is per expert)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, bias="shared", **kwargs):
         super().__init__(*args, **kwargs)
-        self.hidden_bias = torch.nn.Parameter(torch.randn(self.gate_up_proj.shape[1] // 2))
+        self.bias = bias
+        n = self.gate_up_proj.shape[1] // 2
+        self.hidden_bias = torch.nn.Parameter(torch.randn(n) if bias == "shared" else torch.randn(self.experts, n))
 
     def forward(self, x):
         h = x.reshape(-1, x.shape[-1])
@@ -58,7 +62,9 @@ class _SharedHiddenBias(FusedMoE):
         offs = torch.cumsum(torch.histc(ids_g.float(), bins=self.experts, min=0, max=self.experts - 1), 0,
                             dtype=torch.int32)
         gate, up = torch.ops.autoperm.grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
-        out = torch.ops.autoperm.grouped_mm(F.silu(gate) * up + self.hidden_bias, self.down_proj.transpose(1, 2), offs)
+        bias = self.hidden_bias if self.bias == "shared" else \
+            self.hidden_bias[(ids_g + 1) % self.experts if self.bias == "shifted" else ids_g]
+        out = torch.ops.autoperm.grouped_mm(F.silu(gate) * up + bias, self.down_proj.transpose(1, 2), offs)
         out = out * w.reshape(-1)[perm].unsqueeze(-1)
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.size(0))
@@ -66,7 +72,7 @@ class _SharedHiddenBias(FusedMoE):
 
 
 def test_a_hidden_bias_shared_by_all_experts_keeps_one_permutation():
-    spec, err = spec_and_error(_SharedHiddenBias(8, 4, experts=4, k=2), torch.randn(6, 8))
+    spec, err = spec_and_error(_HiddenBias(8, 4, experts=4, k=2), torch.randn(6, 8))
     assert err < TOL
     hidden = spec.axes["hidden_bias"][0]["g"]
     assert spec.axes["router.weight"][0] is not None  # the experts still move
@@ -94,39 +100,13 @@ def test_planted_full_group_element_of_a_grouped_moe_is_recovered():
         assert torch.equal(am[g], inv[g]), g
 
 
-class _PickedBias(FusedMoE):
-    """The grouped path with a per-expert hidden bias picked per row by the sorted ids (as GPT-OSS does), or by
-    ids shifted by one (then the ids are read as numbers: the experts are pinned and nothing is per expert)."""
-
-    def __init__(self, *args, shift=0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.shift = shift
-        self.expert_bias = torch.nn.Parameter(torch.randn(self.experts, self.gate_up_proj.shape[1] // 2))
-
-    def forward(self, x):
-        h = x.reshape(-1, x.shape[-1])
-        w, ids = torch.topk(self.router(h).softmax(-1), self.k, dim=-1)
-        ids_g, perm = torch.sort(ids.reshape(-1))
-        rows = h[perm // self.k]
-        offs = torch.cumsum(torch.histc(ids_g.float(), bins=self.experts, min=0, max=self.experts - 1), 0,
-                            dtype=torch.int32)
-        gate, up = torch.ops.autoperm.grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
-        pick = (ids_g + self.shift) % self.experts if self.shift else ids_g
-        out = torch.ops.autoperm.grouped_mm(F.silu(gate) * up + self.expert_bias[pick], self.down_proj.transpose(1, 2),
-                                            offs)
-        out = out * w.reshape(-1)[perm].unsqueeze(-1)
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(perm.size(0))
-        return x + out[inv].view(h.shape[0], self.k, -1).sum(1)
-
-
-@pytest.mark.parametrize("shift", [0, 1])
-def test_a_per_expert_bias_picked_by_the_sorted_ids_goes_with_its_expert(shift):
-    spec, err = spec_and_error(_PickedBias(8, 4, experts=4, k=2, shift=shift), torch.randn(6, 8))
+@pytest.mark.parametrize("bias", ["picked", "shifted"])
+def test_a_per_expert_bias_picked_by_the_sorted_ids_goes_with_its_expert(bias):
+    spec, err = spec_and_error(_HiddenBias(8, 4, experts=4, k=2, bias=bias), torch.randn(6, 8))
     assert err < TOL
-    hidden = spec.axes["expert_bias"][1]["g"]
-    if shift:
+    hidden = spec.axes["hidden_bias"][1]["g"]
+    if bias == "shifted":
         assert spec.axes["router.weight"][0] is None and not spec.per
     else:
-        assert spec.axes["expert_bias"][0] == spec.axes["router.weight"][0] is not None
+        assert spec.axes["hidden_bias"][0] == spec.axes["router.weight"][0] is not None
         assert spec.per[hidden] == spec.axes["router.weight"][0]["g"]
