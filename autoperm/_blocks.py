@@ -7,7 +7,9 @@ sound when every op of the graph is equivariant under the larger group. This mod
 op by op, from how each op pairs indices (``rules/letters.py``):
 
 - every tensor that carries ``d`` must carry ``h`` at every one of its positions, either fused with
-  ``d`` in one axis (an enclosing product with ``h`` as a part) or on exactly one other axis;
+  ``d`` in one axis (an enclosing product with ``h`` as a part) or on exactly one other axis; that
+  axis may be the sorted rows of a routing whose grouped matmul the MoE rule proved (row r belongs
+  to the block of its expert e(r): ``rules.moe.routed_rows``);
 - an op that only moves elements is then equivariant; an op that aggregates along axes must not
   aggregate ``h`` without ``d`` (a softmax or sum over heads would mix different heads' dims);
 - a contraction must index ``h`` with one letter in all operands that carry ``d``, and must not
@@ -24,6 +26,8 @@ import torch
 
 from ._atoms import Stacked
 from .rules.letters import get_letters
+from .rules._ids import source
+from .rules.moe import _sorts, routed_rows
 
 __all__ = ["per_block"]
 
@@ -33,9 +37,20 @@ _STRUCTURE_OK = {"move", "group_norm", "conv"}  # signatures whose ops may ask f
 class _Tree:
     """Leaves of an atom and how they nest, read off the final atom table."""
 
-    def __init__(self, atoms):
+    def __init__(self, atoms, routed=()):
         self.atoms = atoms
         self._leaves: dict[int, tuple] = {}
+        self.routed = {}  # rows atom -> the expert atom each row is routed to (free leaves only)
+        for rows, expert in routed:
+            r, e = atoms.find(rows), atoms.find(expert)
+            if self.is_leaf(r) and atoms.pinned(r) is None and self.routed.get(r, e) == e:
+                self.routed[r] = e
+            else:
+                self.routed[r] = None  # rows of two experts' sorts, or rows that may not move: no block
+
+    def routes(self, a, h) -> bool:
+        """``a`` is the sorted rows of a routing whose every row r belongs to block e(r) of ``h``."""
+        return self.routed.get(self.atoms.find(a)) == h and self.atoms.root(a).kind is None
 
     def is_leaf(self, a) -> bool:
         r = self.atoms.root(a)
@@ -74,7 +89,9 @@ class _Tree:
         return all(self.covered(p, h, d, have) for p in parts)
 
     def full(self, a, h) -> bool:
-        """``h`` has a coordinate at every index of ``a``."""
+        """``h`` has a coordinate at every index of ``a`` (its own, or the block its row is routed to)."""
+        if self.routes(a, h):
+            return True
         r = self.atoms.root(a)
         if r.kind is None:
             return r.size > 1 and self.atoms.find(a) == h
@@ -104,12 +121,13 @@ def _place(tree, lay, h, d):
     d_axes = [i for i, a in enumerate(lay) if d in tree.leaves(a)]
     if not d_axes:
         return None
-    if len(d_axes) > 1 or tree.leaves(lay[d_axes[0]]).count(d) > 1 and not tree.covered(lay[d_axes[0]], h, d):
+    if len(d_axes) > 1:
         return "bad"
     i = d_axes[0]
-    h_axes = [j for j, a in enumerate(lay) if h in tree.leaves(a)]
+    h_axes = [j for j, a in enumerate(lay) if h in tree.leaves(a) or tree.routes(a, h)]
     if tree.covered(lay[i], h, d):
         return ("joint", i) if h_axes == [i] else "bad"
+    # split: d may recur along its axis (gate and up halves concatenated), each copy moved by its element's block
     if h in tree.leaves(lay[i]) or len(h_axes) != 1 or not tree.full(lay[h_axes[0]], h):
         return "bad"
     return ("split", i, h_axes[0])
@@ -141,6 +159,8 @@ def _node_ok(ctx, tree, node, h, d, structured) -> bool:
         return True
     if kind == "letters":
         return _letters_ok(ctx, tree, node, sig[1], sig[2], h, d)
+    if kind == "pick":
+        return _pick_ok(ctx, tree, node, sig[1], sig[2], h, d) or all(p is None or p[0] == "joint" for p in places)
     if kind == "conv":
         return _conv_ok(ctx, tree, sig[1], sig[2], sig[3], h, d)
     if kind == "group_norm":
@@ -165,6 +185,21 @@ def _letters_ok(ctx, tree, node, ops, out_letters, h, d) -> bool:
         return True
     hl = blocks.pop()
     return hl in out_letters or all(dl == hl or dl not in out_letters for dl, _ in seen)
+
+
+def _pick_ok(ctx, tree, node, x, idx, h, d) -> bool:
+    """``out[r] = x[ids[r]]`` with ``ids`` the sorted expert ids of a routing sort whose rows are routed to ``h``:
+    row r belongs to block ids[r] = e(r) and takes that block's row of x (a per-expert bias)."""
+    src = source(idx)
+    entry = _sorts(ctx).get(src[0]) if isinstance(src, tuple) and src[1] == 0 else None
+    if entry is None or tree.atoms.find(entry[0]) != h or not tree.routes(entry[1], h):
+        return False
+    li, lx, lo = _first(ctx, idx), _first(ctx, x), _first(ctx, node)
+    if li is None or lx is None or lo is None or _place(tree, li, h, d) is not None:
+        return False
+    px, po = _place(tree, lx, h, d), _place(tree, lo, h, d)
+    return (px is not None and px[0] == "split" and px[2] == 0 and po == ("split", px[1], 0)
+            and tree.routes(lo[0], h) and tree.atoms.find(lo[0]) == tree.atoms.find(entry[1]))
 
 
 def _conv_ok(ctx, tree, x, w, groups, h, d) -> bool:
@@ -200,7 +235,7 @@ def _group_norm_ok(ctx, tree, x, groups, h, d) -> bool:
 def per_block(ctx, keys_layouts: dict) -> dict[int, int]:
     """``{inner leaf: block leaf}`` for every inner group that may permute independently per block."""
     atoms = ctx.atoms
-    tree = _Tree(atoms)
+    tree = _Tree(atoms, routed_rows(ctx).values())
     free = lambda a: tree.is_leaf(a) and atoms.pinned(a) is None  # noqa: E731
     state = [lay for lay in keys_layouts.values() if lay is not None]
     cands: dict[tuple[int, int], None] = {}

@@ -238,6 +238,9 @@ FAMILIES = {  # class name, config name, config arguments, (router key, experts 
 }
 
 
+PER_EXPERT = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"}
+
+
 class Logits(nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -275,7 +278,11 @@ def test_moe_family_is_invariant_with_free_experts(moe_family):
     residual = _group(spec, "model.model.embed_tokens.weight", 1)
     assert residual in spec.axes[f"{experts}.down_proj"]
     hidden = [e for e in spec.axes[f"{experts}.down_proj"][1:] if e != residual]
-    assert hidden and hidden[0] is not None  # each expert's hidden units (one permutation shared by all)
+    assert hidden and hidden[0] is not None
+    if name in PER_EXPERT:  # each expert's hidden units permute on their own
+        assert spec.per[hidden[0]["g"]] == expert["g"]
+    else:  # DeepSeek-V3: experts as a product (group-limited routing), one hidden permutation for all
+        assert hidden[0]["g"] not in spec.per
 
 
 def test_moe_family_planted_weight_matching(moe_family):
@@ -291,6 +298,7 @@ def test_moe_family_planted_weight_matching(moe_family):
 def test_mixtral_planted_activation_matching():
     model, x = hf_moe("mixtral")
     spec, inv, wm, am = _planted(model, x, [torch.randint(0, 64, (8, 8)) for _ in range(2)])
+    assert spec.per  # the experts' hidden units, one permutation per expert
     assert all(torch.equal(am[g], inv[g]) for g in spec.group_sizes)
 
 

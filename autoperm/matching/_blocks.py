@@ -168,6 +168,22 @@ def refine_blocks(spec: PermutationSpec, a, b, perm: dict, blocks) -> tuple[dict
     return perm, moved
 
 
+def refine_inner(spec: PermutationSpec, a, b, perm: dict, inner) -> tuple[dict, bool]:
+    """Inner groups ``inner`` whose blocks stay as given (matched elsewhere, e.g. experts on their router's
+    activations): each block of A takes the best inner assignment to the block of B it is paired with."""
+    moved = False
+    perm = {g: p.cpu() for g, p in perm.items()}
+    for d in sorted(inner):
+        h = spec.per[d]
+        keys = [k for k, ex in spec.axes.items() if {g for e in ex for g in walk_groups(e)} & {h, d}]
+        mcost = _pair_cost(spec, a, b, perm, h, d)
+        rows = [solve_numpy(np.ascontiguousarray(mcost[i, j])) for i, j in enumerate(perm[h].tolist())]
+        perm, step = _try(spec, a, b, perm, {d: torch.from_numpy(np.stack(rows))}, keys,
+                          block_objective(spec, a, b, perm, keys))
+        moved |= step
+    return perm, moved
+
+
 def descend_blocks(spec: PermutationSpec, a, b, init, only, descend, *, rounds: int = 8, **kw) -> dict:
     """Coordinate descent over the full group: ``descend`` (weight matching's) on the shared view, then
     block steps and a descent of the other groups with the blocks in place, in turn, until nothing moves.
@@ -204,9 +220,13 @@ def _descend_once(spec, a, b, init, only, descend, rounds, shake=0, **kw) -> dic
                     perm[d] = torch.stack([torch.randperm(spec.group_sizes[d], generator=gen)
                                            for _ in range(spec.group_sizes[h])])
     kw = {k: v for k, v in kw.items() if k != "unknown"}
+    held = {d for d, h in spec.per.items() if d in only and h not in only}  # blocks placed by the caller
+    family |= held
     others = sorted(only - family)
     for _ in range(rounds):
         perm, moved = refine_blocks(spec, a, b, perm, blocks)
+        perm, step = refine_inner(spec, a, b, perm, held)
+        moved |= step
         if not (moved or rows):
             break
         rows = False

@@ -10,7 +10,9 @@ family as a *signature* (see ``autoperm._blocks``):
   symmetrically (sums, means, norms, softmax, normalisation statistics);
 - ``("letters", [(value, letters), ...], out_letters)``: an einsum-like contraction: axes with
   one letter share their index; letters missing from the output are summed over;
-- ``("conv", x, weight, groups)`` and ``("group_norm", x, num_groups)``: their own checks.
+- ``("conv", x, weight, groups)`` and ``("group_norm", x, num_groups)``: their own checks;
+- ``("pick", x, idx)``: ``x[idx]`` along axis 0, independent per block only as a pick of per-expert rows
+  by a routing sort's sorted ids (checked with the MoE rules' records).
 
 An op with no entry allows independent inner permutations only where it sees the block and inner
 groups fused in one axis (then it treats that axis as one index); anywhere else the inner group
@@ -65,7 +67,8 @@ def _arg(node, i, name, default=None):
 _MOVE = """reshape view _unsafe_view reshape_as view_as _reshape_alias flatten unflatten permute transpose swapaxes
 swapdims t numpy_T unsqueeze squeeze expand expand_as broadcast_to contiguous clone alias detach _to_copy to type_as
 lift_fresh_copy unbind select slice slice_copy narrow split split_with_sizes split_with_sizes_copy chunk
-tensor_split unsafe_split cat concat concatenate stack dropout native_dropout feature_dropout alpha_dropout"""
+tensor_split unsafe_split cat concat concatenate stack dropout native_dropout feature_dropout alpha_dropout
+_assert_tensor_metadata"""
 _POINTWISE = """relu relu_ gelu gelu_ silu silu_ sigmoid sigmoid_ tanh tanh_ hardswish hardswish_ hardsigmoid
 hardsigmoid_ hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ selu celu mish mish_ softplus relu6 neg exp log
 log1p expm1 sqrt rsqrt abs square sin cos erf reciprocal sign floor ceil round trunc frac clamp clamp_ clamp_min
@@ -212,3 +215,33 @@ def _group_norm(node):
 @register_letters("aten.native_group_norm")
 def _native_group_norm(node):
     return ("group_norm", node.args[0], node.args[7])
+
+
+@register_letters("aten._grouped_mm", "transformers.grouped_mm_fallback", "autoperm.grouped_mm")
+def _grouped_mm(node):
+    """2-D rows by 3-D expert weights with offsets: row r meets only expert e(r)'s weight, so the rows axis and the
+    expert axis share the block letter ``r``. ``_blocks`` accepts a rows axis as a block axis only where the MoE
+    rule proved the rows sorted by the ids that address the experts (``rules.moe.routed_rows``); anywhere else
+    the rows carry no block and the inner group stays shared. 3-D by 3-D is a batched matmul."""
+    x, w = node.args[0], node.args[1]
+    offs = _arg(node, 2, "offs")
+    bias = _arg(node, 3, "bias")
+    if len(_shape(x)) == 3 and len(_shape(w)) == 3 and offs is None:
+        ops, out = [(x, ["r", "m", "k"]), (w, ["r", "k", "n"])], ["r", "m", "n"]
+    elif len(_shape(x)) == 2 and len(_shape(w)) == 3 and isinstance(offs, torch.fx.Node):
+        ops, out = [(x, ["r", "k"]), (w, ["r", "k", "n"])], ["r", "n"]
+    else:
+        raise ValueError("grouped matmul of other ranks")
+    if isinstance(bias, torch.fx.Node):
+        ops.append((bias, ["r", "n"] if len(_shape(bias)) == 2 else ["n"]))
+    return ("letters", ops, out)
+
+
+@register_letters("aten.index.Tensor", "aten._unsafe_index.Tensor")
+def _index(node):
+    """``x[idx]`` along axis 0 by one index tensor: checked by ``_blocks`` only as a per-row pick of per-expert
+    rows by a routing sort's sorted ids (row r takes expert e(r)'s row); any other indexing keeps inner groups shared."""
+    x, idx = node.args[0], node.args[1]
+    if len(idx) != 1 or not isinstance(idx[0], torch.fx.Node) or len(_shape(idx[0])) != 1:
+        raise ValueError("not one 1-D index tensor on axis 0")
+    return ("pick", x, idx[0])

@@ -111,6 +111,15 @@ def sort(ctx, x, dim=-1, descending=False):
 register_rule("aten.sort.stable", override=True)(lambda ctx, x, *, stable=None, dim=-1, descending=False: sort(ctx, x, dim, descending))
 
 
+def routed_rows(ctx) -> dict:
+    """``{grouped matmul node: (rows atom R, expert atom E)}`` where the rule proved that row r of the sorted rows
+    meets only the weight of its own expert e(r): R's rows are the sort's, the offsets count its sorted ids."""
+    s = getattr(ctx, "routed", None)
+    if s is None:
+        s = ctx.routed = {}
+    return s
+
+
 def _offsets_of(offs):
     """The sort node whose sorted ids ``offs`` counts (offs = cumsum(histc|bincount(sorted ids))), else None."""
     c = source(offs)
@@ -170,6 +179,7 @@ def _grouped(ctx, x, w, offs=None, bias=None, out_dtype=None):
         entry = _sorts(ctx).get(s) if s is not None else None
         if entry is not None and ctx.atoms.find(lx[0]) == ctx.atoms.find(entry[1]) and ctx.size(entry[0]) == ctx.size(lw[0]):
             ctx.union(lw[0], entry[0])
+            routed_rows(ctx)[ctx.node] = (entry[1], lw[0])
         else:
             if entry is not None:  # the sort's rows move with its ids' domain: keep it still
                 ctx.pin(entry[0], "expert ids of a grouped matmul whose rows are not the sorted rows")
