@@ -247,8 +247,9 @@ def test_mergekit_prepass_rejects_a_wrong_permutation(tmp_path, wrong, dtype):
     from autoperm.plugins.mergekit import prepare_config
 
     _, _, _, config = _mergekit_scenario(tmp_path, "llama", dtype)
+    # activation matching loads the models (the in-memory path; --method weight streams, checked in test_folder)
     with pytest.raises(RuntimeError, match=_failure_message(dtype) + r".*not written"):
-        prepare_config(config, str(tmp_path / "aligned"))
+        prepare_config(config, str(tmp_path / "aligned"), method="activation")
     assert not os.path.exists(tmp_path / "aligned" / "01-b")
 
 

@@ -32,7 +32,7 @@ from typing import Mapping
 import torch
 from tqdm.auto import tqdm
 
-from ..matching._blocks import expand_rows, shared_view
+from ..matching._blocks import expand_rows, refine_blocks, shared_view
 from ..matching._costs import CostCache, _gather, _rows, b_indices, build_layout, check_states, objective
 from ..matching.weight import _descend, _kept, _seed
 from ..permutation import with_blocks
@@ -119,9 +119,10 @@ def stream_weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Te
         stats: filled with ``sweeps`` and ``solves`` (as ``descend_groups``).
 
     Returns:
-        ``{group: LongTensor}``, as ``weight_matching``. Under a spec with groups per block the
-        search keeps one inner permutation for all blocks (the shared-inner subgroup: the block
-        step reads whole tensors of every layer at once), returned with one row per block.
+        ``{group: LongTensor}``, as ``weight_matching``. Under a spec with groups per block, the descent
+        runs with one inner permutation for all blocks, then block steps give each block its own
+        (each step reads the tensors of one block group, e.g. one layer's attention); unlike
+        ``weight_matching`` the other groups are not descended again after the block steps.
 
     Raises:
         ValueError: a key of ``spec.axes`` is missing, of the wrong shape, not floating point or not
@@ -161,7 +162,12 @@ def stream_weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Te
         if best is None or obj > best_obj:
             best, best_obj = perm, obj
     bar.close()
-    return with_blocks(expand_rows(full, {g: p.cpu() for g, p in best.items()}), full)
+    perm = expand_rows(full, {g: p.cpu() for g, p in best.items()})
+    for _ in range(8 if full.per else 0):  # block steps: each reads one block group's tensors (a layer's heads)
+        perm, moved = refine_blocks(full, state_a, state_b, perm, set(full.per.values()))
+        if not moved:
+            break
+    return with_blocks(perm, full)
 
 
 def _check(spec: PermutationSpec, slab_bytes: int = 1 << 26, **states) -> None:
