@@ -13,25 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from .spec import walk_groups
+from .spec import expr_size, walk_groups
 
 __all__ = ["check_per", "expr_size", "old_coords", "coords_of", "uncovered", "block_axis"]
-
-
-def expr_size(expr, sizes) -> int:
-    if expr is None:
-        raise ValueError("an identity axis has no size of its own")
-    if "g" in expr:
-        return sizes[expr["g"]]
-    if "fixed" in expr:
-        return expr["fixed"]
-    ns = [expr_size(e, sizes) for e in next(iter(expr.values()))]
-    if "cat" in expr:
-        return sum(ns)
-    out = 1
-    for n in ns:
-        out *= n
-    return out
 
 
 def _flat(expr) -> list:

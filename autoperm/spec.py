@@ -57,6 +57,27 @@ class Pin:
     reason: str
 
 
+def expr_size(expr, sizes) -> int:
+    """Number of indices an axis expression spans, with group sizes ``sizes``.
+
+    >>> expr_size({"cat": [{"fixed": 2}, {"prod": [{"g": "h"}, {"g": "d"}]}]}, {"h": 3, "d": 4})
+    14
+    """
+    if expr is None:
+        raise ValueError("an identity axis has no size of its own")
+    if "g" in expr:
+        return sizes[expr["g"]]
+    if "fixed" in expr:
+        return expr["fixed"]
+    ns = [expr_size(e, sizes) for e in next(iter(expr.values()))]
+    if "cat" in expr:
+        return sum(ns)
+    out = 1
+    for n in ns:
+        out *= n
+    return out
+
+
 def walk_groups(expr):
     """Group names in an axis expression, in order.
 
@@ -185,17 +206,7 @@ class PermutationSpec:
 
     def expr_size(self, expr) -> int:
         """Number of indices an axis expression spans."""
-        if "g" in expr:
-            return self.group_sizes[expr["g"]]
-        if "fixed" in expr:
-            return expr["fixed"]
-        sizes = [self.expr_size(e) for e in next(iter(expr.values()))]
-        if "cat" in expr:
-            return sum(sizes)
-        out = 1
-        for x in sizes:
-            out *= x
-        return out
+        return expr_size(expr, self.group_sizes)
 
     def locate(self, key: str, axis: int, group: str) -> tuple[int, int]:
         """``(offset, stride)``: unit ``u`` of ``group`` sits at index ``offset + u * stride`` of the axis.

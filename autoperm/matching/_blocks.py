@@ -159,13 +159,17 @@ def refine_blocks(spec: PermutationSpec, a, b, perm: dict, blocks) -> tuple[dict
         perm, step = _try(spec, a, b, perm, joint, keys, before)
         moved |= step
         for d in ds:  # then each inner group on its own, the others at their new values (an exact step)
-            if step or len(ds) > 1:
-                mcost = _pair_cost(spec, a, b, perm, h, d)
-            rows = [solve_numpy(np.ascontiguousarray(mcost[i, j])) for i, j in enumerate(perm[h].tolist())]
-            perm, step = _try(spec, a, b, perm, {d: torch.from_numpy(np.stack(rows))}, keys,
-                              block_objective(spec, a, b, perm, keys))
+            perm, step = _inner_step(spec, a, b, perm, h, d, keys, None if step or len(ds) > 1 else mcost)
             moved |= step
     return perm, moved
+
+
+def _inner_step(spec, a, b, perm, h, d, keys, mcost=None) -> tuple[dict, bool]:
+    """Each block of A takes the best inner assignment of ``d`` to the block of B it is paired with (exact)."""
+    if mcost is None:
+        mcost = _pair_cost(spec, a, b, perm, h, d)
+    rows = [solve_numpy(np.ascontiguousarray(mcost[i, j])) for i, j in enumerate(perm[h].tolist())]
+    return _try(spec, a, b, perm, {d: torch.from_numpy(np.stack(rows))}, keys, block_objective(spec, a, b, perm, keys))
 
 
 def refine_inner(spec: PermutationSpec, a, b, perm: dict, inner) -> tuple[dict, bool]:
@@ -176,10 +180,7 @@ def refine_inner(spec: PermutationSpec, a, b, perm: dict, inner) -> tuple[dict, 
     for d in sorted(inner):
         h = spec.per[d]
         keys = [k for k, ex in spec.axes.items() if {g for e in ex for g in walk_groups(e)} & {h, d}]
-        mcost = _pair_cost(spec, a, b, perm, h, d)
-        rows = [solve_numpy(np.ascontiguousarray(mcost[i, j])) for i, j in enumerate(perm[h].tolist())]
-        perm, step = _try(spec, a, b, perm, {d: torch.from_numpy(np.stack(rows))}, keys,
-                          block_objective(spec, a, b, perm, keys))
+        perm, step = _inner_step(spec, a, b, perm, h, d, keys)
         moved |= step
     return perm, moved
 
