@@ -48,6 +48,10 @@ FIXED = {
                  "to round-off in train mode, and measuring it against its own scale (1e-16) gave 1.5e-4. Fixed in "
                  "`relative_difference` (such a tensor is measured against the largest output); seed 8008 is a "
                  "regression test in tests/test_fuzz.py and passes",
+    ("2", 21902): "a false positive of the checker: instance norm over a sequence then a mean over it makes an output "
+                  "that is zero up to round-off (8e-15 in float64), so its relative change (5.8e-3) measured round-off "
+                  "only. `check_architecture` now skips a mode whose outputs are at most 1e-10 and marks it "
+                  "degenerate; seed 21902 is a regression test in tests/test_fuzz.py and passes",
 }
 
 

@@ -33,7 +33,9 @@ def test_random_architectures_are_sound_complete_and_matchable(arch):
 # 8008: instance norm then global pooling, in train mode an output that is zero up to round-off
 # (its own scale made two equal runs differ by 1.5e-4; relative_difference now measures it
 # against the largest output).
-SEEDS = [0, 1, 2, 3, 7, 11, 23, 31, 123, 8008]
+# 21902 (generator 2): instance norm over a sequence then a mean over it, an output of 8e-15 in
+# float64 (zero up to round-off) whose relative change was 5.8e-3: such a mode is skipped as degenerate.
+SEEDS = [0, 1, 2, 3, 7, 11, 23, 31, 123, 8008, 21902]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -145,3 +147,8 @@ def test_fuzzer_catches_an_empty_spec(monkeypatch):
     monkeypatch.setattr(chk, "infer_spec", nothing)
     with pytest.raises(FuzzFailure, match=r"\[complete\]"):
         check_architecture(random_architecture(0))
+
+
+def test_a_round_off_zero_output_is_degenerate_not_a_failure():
+    report = check_architecture(random_architecture(21902), matching=False)
+    assert report.get("degenerate")

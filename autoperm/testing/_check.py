@@ -11,6 +11,9 @@ from ._arch import Architecture, Chooser, generate
 __all__ = ["FuzzFailure", "check_architecture", "architectures"]
 
 TOL = 1e-8  # relative output difference allowed in float64 (round-off is about 1e-15)
+# Float64 outputs no larger than this are zero up to round-off (instance norm then a mean over the
+# same axis): no permutation can change them, and their relative change measures round-off only.
+DEGENERATE = 1e-10
 RANDOM_STARTS = 16  # then this many random starting permutations
 RESTARTS = 8  # weight matching is coordinate descent: a single visiting order can stall on tiny random nets
 
@@ -29,7 +32,8 @@ def check_architecture(arch: Architecture, *, tol: float = TOL, matching: bool =
     1. ``randomize_`` the model and ``infer_spec`` on its inputs (must not raise);
     2. completeness: every (key, axis) the generator knows to be a free hidden axis carries a group;
     3. soundness: ``check_invariance`` in eval mode, and in train mode when the model has
-       BatchNorm-like statistics, is at most ``tol`` (relative, float64);
+       BatchNorm-like statistics, is at most ``tol`` (relative, float64); a mode whose outputs are
+       zero up to round-off (at most ``DEGENERATE``) is skipped and marked ``degenerate``;
     4. a planted random permutation of the weights is undone by ``weight_matching`` (the aligned
        state dict equals the original), when ``matching``.
 
@@ -51,6 +55,9 @@ def check_architecture(arch: Architecture, *, tol: float = TOL, matching: bool =
     modes = ["eval"] + (["train"] if arch.train_check else [])
     for mode in modes:
         model.train(mode == "train")
+        if _output_scale(model, arch.inputs) <= DEGENERATE:
+            report["degenerate" if mode == "eval" else "degenerate_train"] = True
+            continue
         for s in (seed, seed + 1):
             err = check_invariance(model, spec, arch.inputs, seed=s)
             if not err <= tol:
@@ -128,3 +135,12 @@ def architectures(max_blocks: int = 5):
         return generate(_HypothesisChooser(draw), seed=None, max_blocks=max_blocks)
 
     return _arch()
+
+
+@torch.no_grad()
+def _output_scale(model, inputs) -> float:
+    """The largest magnitude among the model's floating-point outputs on ``inputs``."""
+    from ..check import _tensors
+
+    out = model(*inputs)
+    return max((float(t.abs().max()) for t in _tensors(out) if t.is_floating_point() and t.numel()), default=0.0)
