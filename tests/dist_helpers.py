@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import multiprocessing
 import os
 import sys
@@ -16,6 +17,8 @@ import time
 
 import torch
 from torch import nn
+
+from rule_helpers import FusedAttentionNet
 
 _TIMEOUT = 20.0  # seconds: the process group's timeout, bounding every collective
 
@@ -39,32 +42,11 @@ class ResNetBN(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-class Transformer(nn.Module):
-    """A pre-norm block: fused qkv, 4 heads, an MLP, mean pooling."""
-
-    def __init__(self, dim=16, heads=4):
-        super().__init__()
-        self.heads = heads
-        self.embed, self.out = nn.Linear(6, dim), nn.Linear(dim, 4)
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
-
-    def forward(self, x):
-        x = self.embed(x)
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        y = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
-        x = x + self.proj(y)
-        x = x + self.fc2(torch.relu(self.fc1(self.norm2(x))))
-        return self.out(x.mean(1))
-
-
 def _mlp(width=32):
     return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4))
 
 
-MODELS = {"mlp": (_mlp, (8,)), "resnet": (ResNetBN, (3, 8, 8)), "transformer": (Transformer, (5, 6))}
+MODELS = {"mlp": (_mlp, (8,)), "resnet": (ResNetBN, (3, 8, 8)), "transformer": (functools.partial(FusedAttentionNet, classes=4), (5, 6))}
 
 
 def setup(name, n_batches=6, batch=16, **kw):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import autoperm
+from rule_helpers import FusedAttentionNet
 from autoperm.matching._costs import objective
 
 pytestmark = pytest.mark.planted
@@ -45,27 +46,6 @@ class SmallCNN(nn.Module):
         h = torch.relu(self.bn2(self.c2(h)))
         x = torch.relu(self.gn(x + self.bn3(self.c3(h))))
         return self.head(x.mean((2, 3)))
-
-
-class Attention(nn.Module):
-    """A hand-written pre-norm transformer block with a fused qkv projection."""
-
-    def __init__(self, dim=16, heads=4):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
-        self.embed, self.out = nn.Linear(6, dim), nn.Linear(dim, 3)
-
-    def forward(self, x):
-        x = self.embed(x)
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        y = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
-        x = x + self.proj(y)
-        x = x + self.fc2(torch.relu(self.fc1(self.norm2(x))))
-        return self.out(x.mean(1))
 
 
 class QKNorm(nn.Module):
@@ -172,7 +152,7 @@ MODELS = {
     "mlp": _mlp,
     "cnn": lambda: (SmallCNN(), torch.randn(2, 3, 8, 8)),
     "concat": lambda: (ConcatNet(), torch.randn(2, 3, 4, 4)),
-    "attention": lambda: (Attention(), torch.randn(2, 5, 6)),
+    "attention": lambda: (FusedAttentionNet(), torch.randn(2, 5, 6)),
     "vit": _vit,
     "identity_init": lambda: (IdentityInit(), torch.randn(2, 3)),
     "pooled": lambda: (Pooled(), torch.randn(2, 3, 6, 6)),

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import autoperm
+from rule_helpers import GroupNet
 
 C, H = 12, 3
 
@@ -77,24 +78,6 @@ def test_gqa_llama_per_kv_group():
     assert per[v_dims] == kv_heads  # v/o dims per key/value head; q/k dims stay pinned (rotary pairs)
     assert len(per) == 2 and set(per.values()) == {kv_heads}  # and the q heads of a group permute per group
     _invariant(m, spec, x)
-
-
-class GroupNet(torch.nn.Module):
-    def __init__(self, shared_scale=False):
-        super().__init__()
-        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
-        self.gn = torch.nn.GroupNorm(4, 16)
-        self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1, groups=4)
-        self.dw = torch.nn.Conv2d(16, 32, 3, padding=1, groups=16)
-        self.c3 = torch.nn.Conv2d(32, 5, 1)
-        self.shared_scale = shared_scale
-        self.s = torch.nn.Parameter(torch.randn(1, 1, 4, 1, 1))
-
-    def forward(self, x):
-        h = self.gn(self.c1(x))
-        if self.shared_scale:  # one scale per within-group channel, shared by the 4 groups
-            h = (h.unflatten(1, (4, 4)) * self.s).flatten(1, 2)
-        return self.c3(F.relu(self.dw(F.relu(self.c2(h)))))
 
 
 def test_grouped_conv_and_group_norm_channels_per_group():

@@ -4,23 +4,10 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import autoperm
+from rule_helpers import GroupNet
 from autoperm.permutation import apply_permutation, compose_permutations, inverse_permutation, random_permutation
-
-
-class GroupNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
-        self.gn = torch.nn.GroupNorm(4, 16)
-        self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1, groups=4)
-        self.dw = torch.nn.Conv2d(16, 32, 3, padding=1, groups=16)
-        self.c3 = torch.nn.Conv2d(32, 5, 1)
-
-    def forward(self, x):
-        return self.c3(F.relu(self.dw(F.relu(self.c2(self.gn(self.c1(x)))))))
 
 
 def vit():
