@@ -186,25 +186,8 @@ def _run(*tms: TracedModel) -> Context:
     return ctx
 
 
-def _dead(graph) -> set:
-    """Ops whose value nothing reads (directly or through other such ops) and that have no side effect.
-
-    They cannot change an output, so they neither couple nor pin (``x[:, :, -1]`` taken only for its shape).
-    """
-    dead: set = set()
-    for n in reversed(graph.nodes):
-        if n.op == "call_function" and all(u in dead for u in n.users):
-            try:
-                pure = not n.is_impure()
-            except Exception:  # noqa: BLE001 - an op fx cannot classify counts as having side effects
-                pure = False
-            if pure:
-                dead.add(n)
-    return dead
-
-
 def _run_graph(ctx: Context, tm: TracedModel, used: set, by_key: dict) -> None:
-    dead = _dead(tm.graph)
+    dead = tm.dead_nodes
     for node in tm.graph.nodes:
         ctx.node = node
         if node.op == "placeholder":
@@ -249,7 +232,7 @@ def _run_graph(ctx: Context, tm: TracedModel, used: set, by_key: dict) -> None:
 
 def _used_keys(tm: TracedModel) -> set:
     """State-dict keys whose tensor (or a tied alias of it) feeds the graph."""
-    dead = _dead(tm.graph)
+    dead = tm.dead_nodes
     keys = {tm.placeholder_key[n.name] for n in tm.graph.nodes
             if n.op == "placeholder" and any(u not in dead for u in n.users) and n.name in tm.placeholder_key}
     return keys | {o for k in keys for o in tm.aliases.get(k, ())}

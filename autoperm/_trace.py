@@ -7,6 +7,7 @@ opaque leaf module (see docs/design.md).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,24 @@ class TracedModel:
     # output node name -> state-dict key of the buffer it overwrites (a buffer mutation, not a model output)
     mutations: dict[str, str] = field(default_factory=dict)
     mode: str = "eval"  # the mode (train or eval) the graph was traced in
+
+    @functools.cached_property
+    def dead_nodes(self) -> frozenset:
+        """Ops whose value nothing reads (directly or through other such ops) and that have no side effect.
+
+        They cannot change an output, so they neither couple nor pin (``x[:, :, -1]`` taken only for its
+        shape). Computed once per graph.
+        """
+        dead: set = set()
+        for n in reversed(self.graph.nodes):
+            if n.op == "call_function" and all(u in dead for u in n.users):
+                try:
+                    pure = not n.is_impure()
+                except Exception:  # noqa: BLE001 - an op fx cannot classify counts as having side effects
+                    pure = False
+                if pure:
+                    dead.add(n)
+        return frozenset(dead)
 
 
 def as_tuple(example_inputs) -> tuple:
