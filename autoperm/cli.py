@@ -324,7 +324,9 @@ def _align(args, rm, spec, a, b, data: _Data | None):
     except ValueError as e:  # bad weights (NaN, a dtype): name the files, not the matcher's arguments
         raise CLIError(str(e).replace("state_a", args.a).replace("state_b", args.b)) from e
     perm = perms[1]
-    moved = sum(int((p.cpu() != torch.arange(p.shape[-1])).sum()) for p in perm.values())
+    from .permutation import units_moved
+
+    moved = units_moved(perm)
     _log(args, f"{args.method} matching: {moved} of {spec.num_units} units moved, {time.perf_counter() - t:.1f} s")
     return aligned[1], perm
 

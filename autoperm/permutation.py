@@ -17,6 +17,7 @@ from .spec import PermutationSpec, walk_groups
 __all__ = [
     "Permutation", "random_permutation", "identity_permutation", "inverse_permutation",
     "compose_permutations", "apply_permutation", "with_blocks", "permute_tensor", "permute_model_", "axis_index", "validate_permutation",
+    "units_moved",
 ]
 
 class Permutation(dict):
@@ -56,6 +57,15 @@ def random_permutation(spec: PermutationSpec, seed: int = 0) -> Permutation:
         rows = [torch.randperm(s, generator=gen) for _ in range(spec.block_count(n))]
         out[n] = torch.stack(rows) if n in spec.per else rows[0]
     return with_blocks(out, spec)
+
+
+def units_moved(perm) -> int:
+    """How many entries of ``perm`` are not at their own index (a per-block group counts every row's).
+
+    >>> units_moved({"h": torch.tensor([1, 0, 2]), "d": torch.tensor([[0, 1], [1, 0]])})
+    4
+    """
+    return sum(int((torch.as_tensor(p).cpu() != torch.arange(p.shape[-1])).sum()) for p in perm.values())
 
 
 def identity_permutation(spec: PermutationSpec) -> Permutation:

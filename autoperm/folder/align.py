@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..io import CheckpointError
+from ..permutation import units_moved
 from ._model import FolderModel, open_folder
 from .match import stream_weight_matching
 from .write import write_permuted_folder
@@ -55,7 +56,7 @@ def align_folders(model_dirs: Sequence[str], out_dirs: Sequence[str | None], *, 
             perm = stream_weight_matching(spec, a, b, seed=seed, max_iter=max_iter, restarts=restarts, stats=stats)
         except ValueError as e:  # name the folders, not the arguments
             raise CheckpointError(str(e).replace("state_a", model_dirs[0]).replace("state_b", model_dirs[i])) from e
-        moved = sum(int((p != torch.arange(p.shape[-1])).sum()) for p in perm.values())
+        moved = units_moved(perm)
         log(f"weight matching {os.path.basename(os.path.normpath(model_dirs[i]))}: {moved} of {spec.num_units} "
             f"units moved, {sum(stats.get('sweeps', []))} sweeps, {time.perf_counter() - t:.1f} s, "
             f"{(a.bytes_read + b.bytes_read) / 1e9:.1f} GB read")
