@@ -17,6 +17,7 @@ from torch.fx import Node
 
 from ._atoms import AtomTable, Layout, Stacked
 from ._blocks import per_block
+from ._module_graph import find_module_moves, selector_rule, settle_module_moves
 from ._trace import TraceError, TracedModel, mode_of, trace
 from .rules import get_rule
 from .spec import PermutationSpec, Pin
@@ -37,6 +38,8 @@ class Context:
         self.state_layouts: dict[str, Any] = {}  # state-dict key -> layout, one per tensor across graphs
         self.structured: set[Node] = set()  # nodes whose rule asked for an axis' product structure
         self.wrappers: set[Node] = set()  # higher-order nodes whose body graph was analysed node by node
+        self.selectors: dict = {}  # node -> the module move (ModuleList experts) it selects a module for
+        self.module_moves: list = []  # (move, expert atom) of every module move that holds after the rules
 
     # -- lookups ----------------------------------------------------------
     def lay(self, x) -> Layout | None:
@@ -176,8 +179,15 @@ def _run(*tms: TracedModel) -> Context:
     ctx = Context(AtomTable())
     used = set().union(*(_used_keys(tm) for tm in tms))
     by_key = ctx.state_layouts
+    proofs: dict = {}
+    for tm in tms:
+        for move in find_module_moves(tm):
+            proofs.setdefault(move.prefixes, []).append(move)
+            ctx.selectors.update(dict.fromkeys(move.selectors, move))
     for tm in tms:
         _run_graph(ctx, tm, used, by_key)
+    readers = {ps: sum(any(k.startswith(q) for q in ps for k in _used_keys(tm)) for tm in tms) for ps in proofs}
+    ctx.module_moves = settle_module_moves(ctx, proofs, readers)
     for tm in tms:  # tied keys that no placeholder carries share their tensor's layout
         for k, others in tm.aliases.items():
             for o in others:
@@ -239,6 +249,8 @@ def _used_keys(tm: TracedModel) -> set:
 
 
 def _call(ctx: Context, node: Node):
+    if node in ctx.selectors:
+        return _check(ctx, node, selector_rule(ctx, node, ctx.selectors[node]))
     if node.target is operator.getitem:
         seq, i = node.args
         lay = ctx.lay(seq)
@@ -372,8 +384,30 @@ def _trace_in(model: torch.nn.Module, example_inputs, mode: str) -> TracedModel:
 
 
 def _build_spec(ctx: Context, model: torch.nn.Module) -> PermutationSpec:
-    atoms = ctx.atoms
     state = model.state_dict()
+    while True:  # a module move that the rendered spec cannot express pins its expert axis; render again
+        axes, pinned, names = _render(ctx, state)
+        sizes = {name: ctx.atoms.size(root) for root, name in names.items()}
+        per = {names[d]: names[h] for d, h in per_block(ctx, ctx.state_layouts).items() if d in names and h in names}
+        shapes = {k: list(t.shape) for k, t in state.items()}
+        modules, bad = _module_groups(ctx, axes, names, sizes, per, shapes)
+        if not bad:
+            break
+        for a, why in bad:
+            ctx.atoms.pin(a, why)
+    try:
+        return PermutationSpec.from_axes(axes, sizes, pinned, shapes, unsupported=ctx.unsupported, per=per,
+                                         modules=modules)
+    except ValueError as e:  # an engine bug: keep the inner groups shared (sound) and say so
+        if modules:
+            raise
+        warnings.warn(f"independent per-block groups dropped: {e}", stacklevel=3)
+        return PermutationSpec.from_axes(axes, sizes, pinned, shapes, unsupported=ctx.unsupported)
+
+
+def _render(ctx: Context, state: dict) -> tuple[dict, list, dict]:
+    """Every state-dict axis as an expression over the free leaf atoms: ``(axes, pins, {root atom: group name})``."""
+    atoms = ctx.atoms
     by_key = ctx.state_layouts
     names: dict[int, str] = {}
     axes: dict[str, list] = {}
@@ -413,16 +447,54 @@ def _build_spec(ctx: Context, model: torch.nn.Module) -> PermutationSpec:
         axes[key] = [expr(a, f"{key}:{i}") for i, a in enumerate(lay)]
         for i, a in enumerate(lay):
             pins(a, key, i)
-    sizes = {}
-    for root, name in names.items():
-        sizes[name] = atoms.size(root)
-    per = {names[d]: names[h] for d, h in per_block(ctx, by_key).items() if d in names and h in names}
-    shapes = {k: list(t.shape) for k, t in state.items()}
-    try:
-        return PermutationSpec.from_axes(axes, sizes, pinned, shapes, unsupported=ctx.unsupported, per=per)
-    except ValueError as e:  # an engine bug: keep the inner groups shared (sound) and say so
-        warnings.warn(f"independent per-block groups dropped: {e}", stacklevel=3)
-        return PermutationSpec.from_axes(axes, sizes, pinned, shapes, unsupported=ctx.unsupported)
+    return axes, pinned, names
+
+
+def _module_groups(ctx: Context, axes, names, sizes, per, shapes) -> tuple[list, list]:
+    """The module groups of the proven module moves, and ``(atom, reason)`` for each that the spec cannot say."""
+    from types import SimpleNamespace
+
+    from ._modules import check_modules
+    from .spec import ModuleGroup, walk_groups
+
+    out, bad = [], []
+    for move, a in ctx.module_moves:
+        name = names.get(ctx.atoms.find(a))
+        if ctx.atoms.root(a).pinned is not None or name is None:
+            continue  # pinned, or carried by no state-dict tensor: the modules never move
+        slots = [[k for k in axes if k.startswith(p)] for p in move.prefixes]
+        where = [{g for k in ks for e in axes[k] for g in walk_groups(e)} for ks in slots]
+        outside = {g for k, ex in axes.items() if not any(k.startswith(p) for p in move.prefixes)
+                   for e in ex for g in walk_groups(e)}
+        local = [{g for g in w if g not in outside and all(g not in w2 for j, w2 in enumerate(where) if j != i)}
+                 for i, w in enumerate(where)]
+        fam: dict[str, list] = {}
+        why = None
+        for i, (p, ks) in enumerate(zip(move.prefixes, slots)):
+            for k in ks:
+                k0 = move.prefixes[0] + k[len(p):]
+                for e0, e in zip(axes.get(k0, ()), axes[k]):
+                    for g0, g in zip(walk_groups(e0), walk_groups(e)):
+                        if g0 in local[0]:
+                            fam.setdefault(g0, [None] * len(slots))
+                            if fam[g0][i] not in (None, g):
+                                why = f"{k} pairs {g0!r} with two groups"
+                            fam[g0][i] = g
+        families = tuple(tuple(f) for f in fam.values())
+        if why is None and any(None in f for f in families) or \
+                any(sorted(local[i]) != sorted(f[i] for f in families) for i in range(len(slots)) if families):
+            why = why or "the modules' own groups do not correspond"
+        m = ModuleGroup(name, move.prefixes, families)
+        if why is None:
+            try:
+                check_modules(SimpleNamespace(axes=axes, group_sizes=sizes, per=per, shapes=shapes, modules=[m]))
+            except ValueError as e:
+                why = str(e)
+        if why is None:
+            out.append(m)
+        else:
+            bad.append((a, f"modules {move.prefixes[0]}... cannot move with the routing: {why}"))
+    return out, bad
 
 
 def _merge_fixed(kind: str, parts: list) -> dict:

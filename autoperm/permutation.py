@@ -4,6 +4,8 @@ A ``Permutation`` maps each group name to a LongTensor ``p`` of its size.
 Applying it sets every member axis to ``new[i] = old[p[i]]``. A group that is independent per
 block of another (``spec.per[d] = h``) takes a ``[size(h), size(d)]`` tensor, one row per block:
 ``new[(i, j)] = old[(p[h][i], p[d][i][j])]`` (the row is that of the block's new position ``i``).
+A group that moves whole modules (``spec.modules``, experts in an ``nn.ModuleList``) fills module slot
+``i`` with module ``p[i]``'s tensors, each permuted by slot ``i``'s local groups (``autoperm._modules``).
 """
 from __future__ import annotations
 
@@ -28,15 +30,27 @@ class Permutation(dict):
     where no group is per block.
     """
 
-    def __init__(self, *args, per=None, **kw):
+    def __init__(self, *args, per=None, modules=None, **kw):
         super().__init__(*args, **kw)
         self.per = dict(per or {})
+        self.modules = list(modules or [])  # (module axis, local families) of each module group
 
 
 def with_blocks(perm, spec_or_per) -> Permutation:
-    """``perm`` as a :class:`Permutation` carrying the block groups of ``spec_or_per`` (a spec or a ``per`` dict)."""
+    """``perm`` as a :class:`Permutation` carrying the block groups and module groups of ``spec_or_per`` (a spec,
+    a permutation, or a ``per`` dict)."""
     per = getattr(spec_or_per, "per", spec_or_per) or {}
-    return Permutation(perm, per={d: h for d, h in per.items() if d in perm})
+    mods = getattr(spec_or_per, "modules", None) or []
+    mods = [(m.axis, m.local) if hasattr(m, "axis") else m for m in mods]
+    return Permutation(perm, per={d: h for d, h in per.items() if d in perm},
+                       modules=[(a, loc) for a, loc in mods if a in perm])
+
+
+def _modules_of(perm, spec) -> list:
+    """The module groups (axis, local families) that ``perm`` moves, from ``spec`` or ``perm.modules``."""
+    if spec is not None:
+        return [(m.axis, m.local) for m in spec.modules if m.axis in perm]
+    return list(getattr(perm, "modules", None) or [])
 
 
 def random_permutation(spec: PermutationSpec, seed: int = 0) -> Permutation:
@@ -91,7 +105,11 @@ def inverse_permutation(perm: Permutation, spec: PermutationSpec | None = None) 
     out = {n: torch.argsort(_as_perm(n, p)) for n, p in perm.items() if n not in per}
     for n, h in per.items():
         out[n] = torch.argsort(_as_rows(n, perm[n]), dim=1)[out[h]]
-    return with_blocks(out, per)
+    mods = _modules_of(perm, spec)
+    if mods:  # slot i of the inverse undoes the inner permutation of the module it sends back
+        from ._modules import slots_moved
+        out = slots_moved(out, mods, out)
+    return Permutation(out, per=per, modules=mods)
 
 
 def compose_permutations(first: Permutation, then: Permutation, spec: PermutationSpec | None = None) -> Permutation:
@@ -107,6 +125,10 @@ def compose_permutations(first: Permutation, then: Permutation, spec: Permutatio
     if set(first) != set(then):
         raise ValueError(f"the permutations name different groups: {sorted(set(first) ^ set(then))[:5]}")
     per = _per_of(first, spec)
+    mods = _modules_of(first, spec) or _modules_of(then, None)
+    if mods:  # slot i receives the module then[axis][i] holds after first, with its inner permutation
+        from ._modules import slots_moved
+        first = slots_moved(first, mods, then)
     out = {}
     for n in first:
         if n in per:
@@ -120,7 +142,7 @@ def compose_permutations(first: Permutation, then: Permutation, spec: Permutatio
         if len(p) != len(q):
             raise ValueError(f"group {n!r}: permutations of sizes {len(p)} and {len(q)} do not compose")
         out[n] = p[q]
-    return with_blocks(out, per)
+    return Permutation(out, per=per, modules=mods)
 
 
 def _per_of(perm, spec) -> dict:
@@ -240,10 +262,17 @@ def apply_permutation(spec: PermutationSpec, perm: Permutation, state_dict: Mapp
         raise ValueError(f"state dict has keys the spec's model does not have: {unexpected[:5]}"
                          f"{' ...' if len(unexpected) > 5 else ''} (a state dict of another architecture?)")
     out = dict(state_dict)
+    src = {}
+    if spec.modules:
+        from ._modules import module_sources
+        src = module_sources(spec, perm)
+        for key, old in src.items():
+            if key not in spec.axes and key in state_dict:
+                out[key] = state_dict[old]  # a tensor no group permutes moves with its module
     for key, exprs in spec.axes.items():
-        if key not in state_dict:
-            raise KeyError(f"state dict has no key {key!r} that the spec permutes")
-        t = state_dict[key]
+        if key not in state_dict or src.get(key, key) not in state_dict:
+            raise KeyError(f"state dict has no key {src.get(key, key) if key in state_dict else key!r} that the spec permutes")
+        t = state_dict[src.get(key, key)]
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"state dict value {key!r} is not a tensor ({type(t).__name__})")
         want = spec.shapes.get(key)
@@ -302,6 +331,11 @@ def permute_model_(model: torch.nn.Module, spec: PermutationSpec, perm: Permutat
 
     sd = model.state_dict()
     new = apply_permutation(spec, perm, sd)
-    for k in spec.axes:
+    swapped = set()
+    if spec.modules:  # a module's tensors may arrive unchanged from another slot: copy them out before writing
+        from ._modules import module_sources
+        swapped = set(module_sources(spec, perm))
+        new = {**new, **{k: new[k].clone() for k in swapped}}
+    for k in set(spec.axes) | swapped:
         sd[k].copy_(new[k])
     return drop_weight_caches_(model)

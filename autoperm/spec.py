@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-__all__ = ["PermutationSpec", "Group", "Member", "Pin", "SPEC_FORMAT_VERSION", "walk_groups"]
+__all__ = ["PermutationSpec", "Group", "Member", "Pin", "ModuleGroup", "SPEC_FORMAT_VERSION", "walk_groups"]
 
-SPEC_FORMAT_VERSION = 2  # the newest version this autoperm reads and writes (version 1 when no group is per block)
+SPEC_FORMAT_VERSION = 3  # the newest version this autoperm reads and writes (the oldest that can say what a spec holds)
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,30 @@ class Pin:
     axis: int
     size: int
     reason: str
+
+
+@dataclass(frozen=True)
+class ModuleGroup:
+    """Whole modules that move together with the units of a group (experts held in an ``nn.ModuleList``).
+
+    Unit ``i`` of group ``axis`` is the module whose state-dict keys start with ``prefixes[i]``; the
+    modules have the same keys and shapes. Under a permutation ``p`` of ``axis``, module slot ``i``
+    receives the tensors of module ``p[i]``. ``local`` lists families of groups that act inside one
+    module each: family ``f`` holds one group per module (``local[f][i]`` acts only in module ``i``, at
+    the same places as the family's other groups in theirs); its permutation for slot ``i`` is applied
+    to the tensors slot ``i`` receives (see ``autoperm._modules``).
+    """
+
+    axis: str
+    prefixes: tuple[str, ...]
+    local: tuple[tuple[str, ...], ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"group": self.axis, "prefixes": list(self.prefixes), "local": [list(f) for f in self.local]}
+
+    @classmethod
+    def from_dict(cls, d) -> "ModuleGroup":
+        return cls(d["group"], tuple(d["prefixes"]), tuple(tuple(f) for f in d.get("local", ())))
 
 
 def expr_size(expr, sizes) -> int:
@@ -122,14 +146,24 @@ class PermutationSpec:
     shapes: dict[str, list[int]] = field(default_factory=dict)
     unsupported: list[str] = field(default_factory=list)
     per: dict[str, str] = field(default_factory=dict)
+    modules: list[ModuleGroup] = field(default_factory=list)
 
     @classmethod
-    def from_axes(cls, axes, group_sizes, pinned=(), shapes=None, unsupported=(), per=None):
-        spec = cls(dict(axes), dict(group_sizes), list(pinned), dict(shapes or {}), list(unsupported), dict(per or {}))
+    def from_axes(cls, axes, group_sizes, pinned=(), shapes=None, unsupported=(), per=None, modules=()):
+        spec = cls(dict(axes), dict(group_sizes), list(pinned), dict(shapes or {}), list(unsupported), dict(per or {}),
+                   [m if isinstance(m, ModuleGroup) else ModuleGroup.from_dict(m) for m in modules])
         if spec.per:
             from ._wreath import check_per
             check_per(spec)
+        if spec.modules:
+            from ._modules import check_modules
+            check_modules(spec)
         return spec
+
+    @property
+    def version(self) -> int:
+        """The oldest format version that holds this spec: 3 with module groups, 2 with per-block groups, else 1."""
+        return 3 if self.modules else 2 if self.per else 1
 
     def block_count(self, name: str) -> int:
         """Number of blocks of ``name``'s block group (1 for a group that is not per block)."""
@@ -177,13 +211,14 @@ class PermutationSpec:
     def to_dict(self) -> dict:
         return {
             "format": "autoperm.spec",
-            "version": 2 if self.per else 1,
+            "version": self.version,
             "groups": [{"name": n, "size": s, **({"per": self.per[n]} if n in self.per else {})}
                        for n, s in self.group_sizes.items()],
             "axes": self.axes,
             "shapes": self.shapes,
             "pinned": [{"key": p.key, "axis": p.axis, "size": p.size, "reason": p.reason} for p in self.pinned],
             "unsupported": self.unsupported,
+            **({"modules": [m.to_dict() for m in self.modules]} if self.modules else {}),
         }
 
     def to_json(self, indent: int | None = None) -> str:
@@ -194,14 +229,17 @@ class PermutationSpec:
         d = json.loads(text)
         if d.get("format") != "autoperm.spec":
             raise ValueError("not an autoperm spec (missing format: autoperm.spec)")
-        if d.get("version") not in (1, SPEC_FORMAT_VERSION):
+        if d.get("version") not in range(1, SPEC_FORMAT_VERSION + 1):
             raise ValueError(f"unsupported spec version {d.get('version')}; this autoperm reads 1 to {SPEC_FORMAT_VERSION}")
         if d.get("version") == 1 and any("per" in g for g in d["groups"]):
             raise ValueError("a version-1 spec cannot declare groups per block ('per' needs version 2)")
+        if d.get("version") < 3 and "modules" in d:
+            raise ValueError(f"a version-{d.get('version')} spec cannot declare module groups ('modules' needs version 3)")
         return cls.from_axes(
             d["axes"], {g["name"]: g["size"] for g in d["groups"]},
             [Pin(**p) for p in d.get("pinned", [])], d.get("shapes", {}), d.get("unsupported", []),
             {g["name"]: g["per"] for g in d["groups"] if "per" in g},
+            [ModuleGroup.from_dict(m) for m in d.get("modules", [])],
         )
 
     def expr_size(self, expr) -> int:

@@ -98,7 +98,12 @@ def descend_groups(spec, state_a, state_b, init, only, *, max_iter=100, seed=0, 
     ``unknown`` (None: the groups in ``only``) are the groups whose ``init`` is only a placeholder:
     they are first seeded by :func:`_seed`. Inputs are not checked here (``weight_matching`` does
     it). ``stats``, if given, receives ``sweeps`` (per restart) and ``solves`` (cost matrices built
-    and assigned). A spec with groups per block runs over the full group (``_blocks.descend_blocks``)."""
+    and assigned). A spec with groups per block runs over the full group (``_blocks.descend_blocks``), one
+    with module groups adds module steps (``_modules.descend_modules``)."""
+    if spec.modules:
+        from ._modules import descend_modules
+        return descend_modules(spec, state_a, state_b, init, only, descend_groups, max_iter=max_iter, seed=seed,
+                               restarts=restarts, progress=progress, stats=stats, unknown=unknown)
     if spec.per:
         from ._blocks import descend_blocks
         return descend_blocks(spec, state_a, state_b, init, only, descend_groups, max_iter=max_iter, seed=seed,
