@@ -285,14 +285,16 @@ def _count(items, noun: str, plural: str = "s") -> str:
 
 
 # -- permutations and text ----------------------------------------------------------------------
-PERMUTATION_FORMAT_VERSION = 2  # newest read and written; version 1 when no group is per block
+PERMUTATION_FORMAT_VERSION = 3  # newest read and written; the oldest that holds the permutation is written
 
 
 def permutation_to_dict(perm: Mapping[str, torch.Tensor]) -> dict:
     """JSON-ready form of a permutation: ``{"format": "autoperm.permutation", "version": 1, "groups": {name: [...]}}``.
 
     A group that is per block (a 2-d entry) is written as a list of rows, under version 2, with
-    ``"per": {group: block group}`` when the permutation knows its blocks.
+    ``"per": {group: block group}`` when the permutation knows its blocks. A permutation that moves whole
+    modules (``spec.modules``) is written under version 3 with ``"modules": [{"group", "local"}]``, which
+    composition and inversion need.
 
     >>> d = permutation_to_dict({"h": torch.tensor([2, 0, 1])})
     >>> d["groups"], permutation_from_dict(d)["h"].tolist()
@@ -303,9 +305,12 @@ def permutation_to_dict(perm: Mapping[str, torch.Tensor]) -> dict:
     """
     groups = {n: torch.as_tensor(p).long().tolist() for n, p in perm.items()}
     rows = any(torch.as_tensor(p).dim() == 2 for p in perm.values())
-    out = {"format": "autoperm.permutation", "version": 2 if rows else 1, "groups": groups}
+    mods = getattr(perm, "modules", None)
+    out = {"format": "autoperm.permutation", "version": 3 if mods else 2 if rows else 1, "groups": groups}
     if rows and getattr(perm, "per", None):
         out["per"] = dict(perm.per)
+    if mods:
+        out["modules"] = [{"group": a, "local": [list(f) for f in loc]} for a, loc in mods]
     return out
 
 
@@ -313,9 +318,11 @@ def permutation_from_dict(d: Mapping) -> dict[str, torch.Tensor]:
     """Inverse of :func:`permutation_to_dict` (checks the format tag and version)."""
     if d.get("format") != "autoperm.permutation":
         raise ValueError("not an autoperm permutation (missing format: autoperm.permutation)")
-    if d.get("version") not in (1, PERMUTATION_FORMAT_VERSION):
+    if d.get("version") not in range(1, PERMUTATION_FORMAT_VERSION + 1):
         raise ValueError(f"unsupported permutation version {d.get('version')}; this autoperm reads 1 to "
                          f"{PERMUTATION_FORMAT_VERSION}")
-    from .permutation import with_blocks
-    return with_blocks({n: torch.tensor(p, dtype=torch.long) for n, p in d["groups"].items()}, d.get("per", {}))
+    from .permutation import Permutation
+    groups = {n: torch.tensor(p, dtype=torch.long) for n, p in d["groups"].items()}
+    return Permutation(groups, per={g: h for g, h in d.get("per", {}).items() if g in groups},
+                       modules=[(m["group"], tuple(tuple(f) for f in m.get("local", ()))) for m in d.get("modules", [])])
 

@@ -47,10 +47,13 @@ def test_moe_model_keeps_residual_and_hidden_units_free(style):
     assert spec.unsupported == [] and err < TOL
     assert spec.permuted_fraction() > 0.95  # all but the head's bias (the output)
     residual = _group(spec, "embed.weight", 1)
-    if style == "modulelist":  # whole experts cannot move between ModuleList keys: each keeps its own hidden units
-        assert _group(spec, "moes.0.router.weight", 0) is None
-        hidden = {str(_group(spec, f"moes.0.experts.{e}.gate.weight", 0)) for e in range(4)}
-        assert len(hidden) == 4 and "None" not in hidden
+    if style == "modulelist":  # whole experts move with their router rows, each with its own hidden units
+        expert = _group(spec, "moes.0.router.weight", 0)
+        assert expert is not None and "g" in expert
+        (m,) = [m for m in spec.modules if m.axis == expert["g"]]
+        assert m.prefixes == tuple(f"moes.0.experts.{e}." for e in range(4))
+        hidden = tuple(_group(spec, f"moes.0.experts.{e}.gate.weight", 0)["g"] for e in range(4))
+        assert m.local == (hidden,) and len(set(hidden)) == 4
         assert _group(spec, "moes.0.experts.0.down.weight", 0) == residual
     else:
         assert _group(spec, "moes.1.gate_up_proj", 0) == _group(spec, "moes.1.router.weight", 0) is not None

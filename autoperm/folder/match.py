@@ -137,6 +137,9 @@ def stream_weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Te
     >>> all(torch.equal(x, y) for x, y in zip(p.values(), autoperm.weight_matching(spec, a, b).values()))
     True
     """
+    if spec.modules:
+        raise NotImplementedError("streaming matching does not move whole modules (experts in a ModuleList): "
+                                  "use weight_matching on the loaded state dicts")
     _check(spec, state_a=state_a, state_b=state_b)
     full, spec = spec, shared_view(spec)
     if restarts < 1 or max_iter < 0:

@@ -111,6 +111,9 @@ def write_permuted_folder(src: str, dst: str, spec, perm, *, files: WeightFiles 
     """
     from ..plugins.mergekit import _inside
 
+    if getattr(spec, "modules", None):
+        raise NotImplementedError("folders are written one tensor at a time, which cannot move whole modules "
+                                  "(experts in a ModuleList): apply the permutation in memory (apply_permutation)")
     src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
     if _inside(dst, src) or _inside(src, dst):
         raise CheckpointError(f"refusing to write {dst}: it is, or holds, the input folder {src}")

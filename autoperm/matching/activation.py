@@ -283,6 +283,9 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
             del cost[group]
         else:
             perm[group] = torch.from_numpy(p)
+    for m in spec.modules:  # a module's own groups: on the weights, against the module its slot receives
+        for g in (g for f in m.local for g in f):
+            cost.pop(g, None)
     rest = [g for g in spec.group_sizes if g not in cost]
     if rest:
         perm = descend_groups(spec, state_a, state_b, perm, set(rest), seed=seed, progress=progress)

@@ -114,8 +114,11 @@ def _only_groups(spec: PermutationSpec, keep: set[str]) -> PermutationSpec:
         return {kind: [freeze(p) for p in parts]}
 
     axes = {k: [freeze(e) for e in ex] for k, ex in spec.axes.items()}
+    from ..spec import ModuleGroup
+    modules = [ModuleGroup(m.axis, m.prefixes, tuple(f for f in m.local if f[0] in keep))
+               for m in spec.modules if m.axis in keep]  # an expert axis moves its modules, alone too
     return PermutationSpec.from_axes(axes, {g: s for g, s in spec.group_sizes.items() if g in keep},
-                                     spec.pinned, spec.shapes, spec.unsupported)
+                                     spec.pinned, spec.shapes, spec.unsupported, modules=modules)
 
 
 def culprit_groups(model, spec: PermutationSpec, x, tol: float = TOLERANCE, limit: int = 3,
