@@ -170,3 +170,21 @@ def test_streaming_paths_refuse_module_moves(tmp_path):
     spec = autoperm.infer_spec(_model(), X)
     with pytest.raises(NotImplementedError, match="ModuleList"):
         stream_weight_matching(spec, {}, {})
+
+
+def test_the_numpy_reference_implementation_in_the_docs_moves_modules():
+    import os
+
+    import numpy as np
+    text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "spec-format.md"), encoding="utf-8").read()
+    code = next(b.split("```")[0] for b in text.split("```python")[1:] if "def apply_permutation" in b)
+    ns = {}
+    exec(code, ns)
+    model = _model()
+    spec, state = autoperm.infer_spec(model, X), model.state_dict()
+    perm = autoperm.random_permutation(spec, seed=7)
+    theirs = ns["apply_permutation"](json.loads(spec.to_json()), {k: v.tolist() for k, v in perm.items()},
+                                     {k: v.numpy() for k, v in state.items()})
+    ours = autoperm.apply_permutation(spec, perm, state)
+    for k in state:
+        assert np.array_equal(theirs[k], ours[k].numpy()), k
