@@ -490,6 +490,8 @@ def _module_groups(ctx: Context, axes, names, sizes, per, shapes) -> tuple[list,
                 check_modules(SimpleNamespace(axes=axes, group_sizes=sizes, per=per, shapes=shapes, modules=[m]))
             except ValueError as e:
                 why = str(e)
+        if why is None and any(p.startswith(q) or q.startswith(p) for o in out for p in m.prefixes for q in o.prefixes):
+            why = "module groups do not nest"
         if why is None:
             out.append(m)
         else:

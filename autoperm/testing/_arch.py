@@ -327,7 +327,8 @@ def gen_moe(s: Stream, ch: Chooser) -> Built:
     k = ch.integer(1, min(2, experts))
     style = ch.pick(["grouped", "gather", "scatter", "modulelist"])
     if style == "modulelist":
-        moe, permuted = ModuleListMoE(s.c, hidden, experts, k), [("moe.experts.0.gate.weight", 0)]
+        moe = ModuleListMoE(s.c, hidden, experts, k)
+        permuted = [("moe.experts.0.gate.weight", 0), ("moe.router.weight", 0)]  # experts move as modules
     else:
         moe = FusedMoE(s.c, hidden, experts, k, how=style, router_bias=ch.flag())
         permuted = [("moe.gate_up_proj", 0), ("moe.down_proj", 2)]
