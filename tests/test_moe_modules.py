@@ -188,3 +188,19 @@ def test_the_numpy_reference_implementation_in_the_docs_moves_modules():
     ours = autoperm.apply_permutation(spec, perm, state)
     for k in state:
         assert np.array_equal(theirs[k], ours[k].numpy()), k
+
+
+def test_ste_matching_runs_over_module_moves():
+    model = _model(layers=1)
+    spec = autoperm.infer_spec(model, X)
+    p = autoperm.random_permutation(spec, seed=3)
+    model_b = autoperm.permute_model_(copy.deepcopy(model), spec, p)
+
+    def loss(out):
+        return out.pow(2).mean()
+
+    perm = autoperm.ste_matching(spec, model, model_b, [torch.randint(0, 32, (4, 6))], loss, steps=2, lr=1e-4,
+                                  progress=False)
+    aligned = autoperm.apply_permutation(spec, perm, model_b.state_dict())
+    assert autoperm.check_invariance(model_b, spec, X) < TOL
+    assert all(torch.equal(aligned[k], v) for k, v in model.state_dict().items())

@@ -76,6 +76,8 @@ def ste_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, 
         with torch.no_grad():
             aligned = apply_permutation(spec, perm, state_b)
         mid = dict(fixed_mid)
+        if spec.modules:  # a tensor no group permutes still moves with its module
+            mid.update({k: 0.5 * (state_a[k] + aligned[k]) for k in fixed_mid if state_a[k].is_floating_point()})
         for k in spec.axes:
             if k in learn:  # straight through: the value of P(B), the gradient of W̃
                 mid[k] = 0.5 * (state_a[k] + aligned[k] + learn[k] - learn[k].detach())
