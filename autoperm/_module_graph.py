@@ -4,15 +4,16 @@ Routing code that loops over a ``ModuleList`` weighs expert ``e``'s output by th
 entry ``e`` (``combine[:, e:e+1] * expert_e(h)``) and sums the results. Permuting the expert axis
 ``E`` of the router by ``π`` while moving module ``π(i)`` into slot ``i`` keeps the function when:
 
-1. module ``i``'s parameters (keys ``prefix_i*``) and the *selector* ``i`` (a ``select`` or one-wide
-   ``slice`` at the constant index ``i`` of one routing tensor ``T``, along an axis of size ``E``)
-   feed a *chain* of nodes that nothing outside the chain reads, except one exit;
+1. module ``i``'s parameters (keys ``prefix_i*``) and its *selectors* (a ``select`` or one-wide
+   ``slice`` at the constant index ``i`` of a routing tensor ``T``, along an axis of size ``E``; one
+   per such tensor that feeds the module's computation alone, e.g. the routing weights and a
+   per-expert scale) feed a *chain* of nodes that nothing outside the chain reads, except one exit;
 2. the exits are summed by a tree of ``add`` nodes (other leaves: values no chain depends on) whose
    partial sums nothing else reads;
 3. every chain is the same graph as chain 0 (node for node: same op, same constants, the same
    nodes from outside, its own parameters under the same relative key, its own selector);
-4. (after the rules) ``T``'s axis carries one free leaf atom ``A``, and neither the chains nor the
-   values they read from outside carry ``A``.
+4. (after the rules) the selected axes of all those tensors carry one free leaf atom ``A`` (the
+   selectors tie them), and neither the chains nor the values they read from outside carry ``A``.
 
 Then the selectors see ``T`` permuted by ``π`` (the rules prove ``T`` equivariant in ``A``), so
 slot ``i``'s chain computes with module ``π(i)``'s weights and selector exactly what chain
@@ -40,12 +41,15 @@ class ModuleMove:
     """A ``ModuleList`` whose modules the graph selects by the index of one routing axis (conditions 1-3)."""
 
     prefixes: tuple[str, ...]
-    selectors: list[Node]
-    source: Node  # the routing tensor T
-    dim: int
+    slots: list[list[Node]]  # the selectors of each module, one per routing tensor, in one order
+    picks: dict  # selector -> (routing tensor T, selected axis)
     chains: list[set] = field(default_factory=list)  # nodes of each chain (its parameters and selector included)
     outside: set = field(default_factory=set)  # values from outside the chains that they or the sum read
-    atom: int | None = None  # T's atom along dim, set when the selectors run
+    atom: int | None = None  # the selected axes' atom, set when the selectors run
+
+    @property
+    def selectors(self) -> list[Node]:
+        return [x for slot in self.slots for x in slot]
 
 
 def _families(tm) -> dict[str, dict[int, dict[str, Node]]]:
@@ -100,15 +104,19 @@ def find_module_moves(tm) -> list[ModuleMove]:
         if n < 2 or set(fam) != set(range(n)) or any(set(fam[i]) != set(fam[0]) for i in fam):
             continue
         prefixes = tuple(f"{base}.{i}." if base else f"{i}." for i in range(n))
-        for (src, dim), by_index in sels.items():
-            if int(src.meta["val"].shape[dim]) != n or set(by_index) != set(range(n)) \
-                    or any(len(v) != 1 for v in by_index.values()) or any(v[0] in claimed for v in by_index.values()):
-                continue
-            move = ModuleMove(prefixes, [by_index[i][0] for i in range(n)], src, dim)
-            if _prove(move, fam, order):
-                claimed.update(move.selectors)
-                out.append(move)
-                break
+        reach = [_descendants(fam[i].values()) for i in range(n)]
+        own = [reach[i] - set().union(*(reach[j] for j in range(n) if j != i)) for i in range(n)]
+        groups = [(src, dim, [by_index[i][0] for i in range(n)]) for (src, dim), by_index in sels.items()
+                  if int(src.meta["val"].shape[dim]) == n and set(by_index) == set(range(n))
+                  and all(len(v) == 1 and v[0] not in claimed for v in by_index.values())
+                  and all(set(_descendants([by_index[i][0]])) & own[i] for i in range(n))]
+        if not groups:  # no routing tensor whose entry i reaches module i's computation alone
+            continue
+        move = ModuleMove(prefixes, [[g[2][i] for g in groups] for i in range(n)],
+                          {x: (src, dim) for src, dim, xs in groups for x in xs})
+        if _prove(move, fam, order):
+            claimed.update(move.selectors)
+            out.append(move)
     return out
 
 
@@ -128,8 +136,8 @@ def _is_sum(n) -> bool:
 
 
 def _prove(move: ModuleMove, fam: dict, order: dict) -> bool:
-    n = len(move.selectors)
-    sources = [set(fam[i].values()) | {move.selectors[i]} for i in range(n)]
+    n = len(move.slots)
+    sources = [set(fam[i].values()) | set(move.slots[i]) for i in range(n)]
     dep: dict = {}
     for i, s in enumerate(sources):
         for x in _descendants(s):
@@ -175,14 +183,14 @@ def _prove(move: ModuleMove, fam: dict, order: dict) -> bool:
         return False
     move.chains = chains
     inside = set().union(*chains)
-    move.outside = leaves | {a for c in chains for x in c if x not in move.selectors  # T is read through them only
+    move.outside = leaves | {a for c in chains for x in c if x not in move.picks  # T is read through them only
                             for a in x.all_input_nodes if a not in inside}
     return True
 
 
 def _same_chain(move, fam, chains, exits, order, i) -> bool:
     """Chain ``i`` is chain 0's graph with module ``i``'s parameters and selector (condition 3)."""
-    to0 = {move.selectors[i]: move.selectors[0], **{fam[i][k]: fam[0][k] for k in fam[0]}}
+    to0 = {**dict(zip(move.slots[i], move.slots[0])), **{fam[i][k]: fam[0][k] for k in fam[0]}}
     body0 = sorted(chains[0] - set(to0.values()), key=order.get)
     body = sorted(chains[i] - set(to0), key=order.get)
     if len(body0) != len(body):
@@ -213,13 +221,14 @@ def _same_chain(move, fam, chains, exits, order, i) -> bool:
 def selector_rule(ctx, node: Node, move: ModuleMove):
     """A selector of a proven module move: the other axes pass through; the selected axis is not refined
     (its atom is the expert axis, checked after the rules) and a kept one-wide axis gets a fresh atom."""
-    lay = list(ctx.lay(move.source))
-    move.atom = lay[move.dim] if move.atom is None else move.atom
-    ctx.union(move.atom, lay[move.dim])
+    src, dim = move.picks[node]
+    lay = list(ctx.lay(src))
+    move.atom = lay[dim] if move.atom is None else move.atom
+    ctx.union(move.atom, lay[dim])
     if node.target in _SELECT:
-        del lay[move.dim]
+        del lay[dim]
     else:
-        lay[move.dim] = ctx.fresh(1)
+        lay[dim] = ctx.fresh(1)
     return tuple(lay)
 
 

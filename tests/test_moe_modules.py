@@ -38,6 +38,8 @@ class _Variant(ModuleListMoE):
         self.how = how
         if how == "unlike":  # expert 0 computes another function
             self.experts[0] = _GeluExpert(8, 4)
+        if "scale" in how:
+            self.scale = nn.Parameter(torch.rand(4) + 0.5)
 
     def forward(self, x):
         h = x.reshape(-1, x.shape[-1])
@@ -52,6 +54,10 @@ class _Variant(ModuleListMoE):
                 out = out + combine[:, e:e + 1] * expert(h) * (e + 1)
             elif self.how == "product":  # outputs multiplied, not summed
                 out = (out + 1) * (combine[:, e:e + 1] * expert(h))
+            elif self.how == "own scale":  # a per-expert parameter outside the list, picked at the same index
+                out = out + combine[:, e:e + 1] * expert(h) * self.scale[e]
+            elif self.how == "shifted scale":  # the per-expert parameter of another expert
+                out = out + combine[:, e:e + 1] * expert(h) * self.scale[(e + 1) % n]
             elif self.how == "leak":  # an expert's output also read outside the sum
                 y = combine[:, e:e + 1] * expert(h)
                 out = out + y + (y.sum() if e == 0 else 0)
@@ -78,7 +84,7 @@ def test_modulelist_toy_moves_whole_experts():
     assert not any(p.key.startswith("moes.") for p in spec.pinned)
 
 
-@pytest.mark.parametrize("how", ["shifted", "scaled", "product", "leak", "unlike"])
+@pytest.mark.parametrize("how", ["shifted", "scaled", "product", "leak", "unlike", "shifted scale"])
 def test_experts_not_proven_stay_in_place(how):
     torch.manual_seed(0)
     model = _Variant(how)
@@ -89,12 +95,15 @@ def test_experts_not_proven_stay_in_place(how):
     assert spec.axes["router.weight"][0] is None or "g" not in spec.axes["router.weight"][0]
 
 
-def test_plain_sum_of_experts_is_the_control():
+@pytest.mark.parametrize("how", ["plain", "own scale"])
+def test_plain_sum_of_experts_is_the_control(how):
     torch.manual_seed(0)
-    model = _Variant("plain")
+    model = _Variant(how)
     autoperm.randomize_(model, 0)
     spec, err = spec_and_error(model.eval(), torch.randn(2, 3, 8))
     assert err < TOL and len(spec.modules) == 1
+    if how == "own scale":  # the per-expert scale moves with its expert
+        assert spec.axes["scale"][0] == {"g": spec.modules[0].axis} == spec.axes["router.weight"][0]
 
 
 def test_moves_compose_invert_and_apply_in_place():
