@@ -49,8 +49,11 @@ class _Tree:
                 self.routed[r] = None  # rows of two experts' sorts, or rows that may not move: no block
 
     def routes(self, a, h) -> bool:
-        """``a`` is the sorted rows of a routing whose every row r belongs to block e(r) of ``h``."""
-        return self.routed.get(self.atoms.find(a)) == h and self.atoms.root(a).kind is None
+        """``a`` is the sorted rows of a routing whose every row r belongs to block e(r) of ``h``: ``h`` is the
+        expert axis, or one factor of it (group-limited routing's groups × experts: row r's coordinate on ``h``
+        is its expert's)."""
+        e = self.routed.get(self.atoms.find(a))
+        return e is not None and self.atoms.root(a).kind is None and (e == h or self.leaves(e).count(h) == 1)
 
     def is_leaf(self, a) -> bool:
         r = self.atoms.root(a)

@@ -284,8 +284,9 @@ def test_moe_family_is_invariant_with_free_experts(moe_family):
     assert hidden and hidden[0] is not None
     if name in PER_EXPERT:  # each expert's hidden units permute on their own
         assert spec.per[hidden[0]["g"]] == expert["g"]
-    else:  # DeepSeek-V3: experts as a product (group-limited routing), one hidden permutation for all
-        assert hidden[0]["g"] not in spec.per
+    else:  # DeepSeek-V3: experts as a product (group-limited routing), hidden units per block of one factor
+        factors = [e["g"] for e in expert["prod"]]
+        assert len(factors) == 2 and spec.per[hidden[0]["g"]] in factors
 
 
 def test_moe_family_planted_weight_matching(moe_family):
