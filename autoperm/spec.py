@@ -150,8 +150,8 @@ class PermutationSpec:
 
     @classmethod
     def from_axes(cls, axes, group_sizes, pinned=(), shapes=None, unsupported=(), per=None, modules=()):
-        spec = cls(dict(axes), dict(group_sizes), list(pinned), dict(shapes or {}), list(unsupported), dict(per or {}),
-                   [m if isinstance(m, ModuleGroup) else ModuleGroup.from_dict(m) for m in modules])
+        spec = cls(dict(axes), dict(group_sizes), list(pinned), dict(shapes or {}), list(unsupported), dict(per or {}))
+        spec.modules = [m if isinstance(m, ModuleGroup) else ModuleGroup.from_dict(m) for m in modules]
         if spec.per:
             from ._wreath import check_per
             check_per(spec)
@@ -239,7 +239,7 @@ class PermutationSpec:
             d["axes"], {g["name"]: g["size"] for g in d["groups"]},
             [Pin(**p) for p in d.get("pinned", [])], d.get("shapes", {}), d.get("unsupported", []),
             {g["name"]: g["per"] for g in d["groups"] if "per" in g},
-            [ModuleGroup.from_dict(m) for m in d.get("modules", [])],
+            modules=[ModuleGroup.from_dict(m) for m in d.get("modules", [])],
         )
 
     def expr_size(self, expr) -> int:
