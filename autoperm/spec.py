@@ -13,6 +13,10 @@ An axis with no permutable part has expression ``None``. A group may be declared
 another group (``per``): then every block of that group carries its own permutation of it (the
 wreath product: heads move, and each head's dims permute on their own). The format is versioned and
 documented in docs/spec-format.md.
+
+Beyond permutations, ``maps`` lists continuous symmetries (orthogonal, invertible, rotary and
+scaling maps; see ``autoperm.maps``) and ``map_pins`` the kinds that do not hold somewhere, and why
+(format version 3).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["PermutationSpec", "Group", "Member", "Pin", "SPEC_FORMAT_VERSION", "walk_groups"]
 
-SPEC_FORMAT_VERSION = 2  # the newest version this autoperm reads and writes (version 1 when no group is per block)
+SPEC_FORMAT_VERSION = 3  # the newest version this autoperm reads and writes (the oldest that says everything a spec holds)
 
 
 @dataclass(frozen=True)
@@ -122,10 +126,13 @@ class PermutationSpec:
     shapes: dict[str, list[int]] = field(default_factory=dict)
     unsupported: list[str] = field(default_factory=list)
     per: dict[str, str] = field(default_factory=dict)
+    maps: list = field(default_factory=list)  # autoperm.maps.Map
+    map_pins: list = field(default_factory=list)  # autoperm.maps.MapPin
 
     @classmethod
-    def from_axes(cls, axes, group_sizes, pinned=(), shapes=None, unsupported=(), per=None):
-        spec = cls(dict(axes), dict(group_sizes), list(pinned), dict(shapes or {}), list(unsupported), dict(per or {}))
+    def from_axes(cls, axes, group_sizes, pinned=(), shapes=None, unsupported=(), per=None, maps=(), map_pins=()):
+        spec = cls(dict(axes), dict(group_sizes), list(pinned), dict(shapes or {}), list(unsupported), dict(per or {}),
+                   list(maps), list(map_pins))
         if spec.per:
             from ._wreath import check_per
             check_per(spec)
@@ -174,16 +181,26 @@ class PermutationSpec:
         }
 
     # -- serialisation ------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """The oldest format version that can say everything this spec holds."""
+        return 3 if (self.maps or self.map_pins) else 2 if self.per else 1
+
     def to_dict(self) -> dict:
+        extra = {}
+        if self.version >= 3:
+            extra = {"maps": [m.to_dict() for m in self.maps],
+                     "map_pins": [{"where": p.where, "kind": p.kind, "reason": p.reason} for p in self.map_pins]}
         return {
             "format": "autoperm.spec",
-            "version": 2 if self.per else 1,
+            "version": self.version,
             "groups": [{"name": n, "size": s, **({"per": self.per[n]} if n in self.per else {})}
                        for n, s in self.group_sizes.items()],
             "axes": self.axes,
             "shapes": self.shapes,
             "pinned": [{"key": p.key, "axis": p.axis, "size": p.size, "reason": p.reason} for p in self.pinned],
             "unsupported": self.unsupported,
+            **extra,
         }
 
     def to_json(self, indent: int | None = None) -> str:
@@ -194,14 +211,18 @@ class PermutationSpec:
         d = json.loads(text)
         if d.get("format") != "autoperm.spec":
             raise ValueError("not an autoperm spec (missing format: autoperm.spec)")
-        if d.get("version") not in (1, SPEC_FORMAT_VERSION):
+        if d.get("version") not in range(1, SPEC_FORMAT_VERSION + 1):
             raise ValueError(f"unsupported spec version {d.get('version')}; this autoperm reads 1 to {SPEC_FORMAT_VERSION}")
         if d.get("version") == 1 and any("per" in g for g in d["groups"]):
             raise ValueError("a version-1 spec cannot declare groups per block ('per' needs version 2)")
+        if d.get("version") < 3 and (d.get("maps") or d.get("map_pins")):
+            raise ValueError("a spec before version 3 cannot declare maps ('maps' needs version 3)")
+        from .maps.map import Map, MapPin
         return cls.from_axes(
             d["axes"], {g["name"]: g["size"] for g in d["groups"]},
             [Pin(**p) for p in d.get("pinned", [])], d.get("shapes", {}), d.get("unsupported", []),
             {g["name"]: g["per"] for g in d["groups"] if "per" in g},
+            [Map.from_dict(m) for m in d.get("maps", [])], [MapPin(**p) for p in d.get("map_pins", [])],
         )
 
     def expr_size(self, expr) -> int:
