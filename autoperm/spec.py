@@ -164,6 +164,11 @@ class PermutationSpec:
         """Total permutable units (sum of group sizes)."""
         return sum(self.group_sizes.values())
 
+    @property
+    def num_rows(self) -> int:
+        """Permutation entries of an element: a per-block group counts once per block (what ``units_moved`` counts)."""
+        return sum(s * self.block_count(n) for n, s in self.group_sizes.items())
+
     def permuted_fraction(self) -> float:
         """Fraction of state-dict elements in tensors with at least one permuted axis."""
         import math
