@@ -327,7 +327,7 @@ def _align(args, rm, spec, a, b, data: _Data | None):
     from .permutation import units_moved
 
     moved = units_moved(perm)
-    _log(args, f"{args.method} matching: {moved} of {spec.num_units} units moved, {time.perf_counter() - t:.1f} s")
+    _log(args, f"{args.method} matching: {moved} of {spec.num_rows} units moved, {time.perf_counter() - t:.1f} s")
     return aligned[1], perm
 
 

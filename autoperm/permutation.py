@@ -74,7 +74,7 @@ def random_permutation(spec: PermutationSpec, seed: int = 0) -> Permutation:
 
 
 def units_moved(perm) -> int:
-    """How many entries of ``perm`` are not at their own index (a per-block group counts every row's).
+    """How many entries of ``perm`` are not at their own index (out of ``spec.num_rows``: a per-block group counts every row).
 
     >>> units_moved({"h": torch.tensor([1, 0, 2]), "d": torch.tensor([[0, 1], [1, 0]])})
     4

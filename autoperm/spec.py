@@ -13,6 +13,10 @@ An axis with no permutable part has expression ``None``. A group may be declared
 another group (``per``): then every block of that group carries its own permutation of it (the
 wreath product: heads move, and each head's dims permute on their own). The format is versioned and
 documented in docs/spec-format.md.
+
+Beyond permutations, ``maps`` lists continuous symmetries (orthogonal, invertible, rotary and
+scaling maps; see ``autoperm.maps``) and ``map_pins`` the kinds that do not hold somewhere, and why
+(format version 3).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["PermutationSpec", "Group", "Member", "Pin", "ModuleGroup", "SPEC_FORMAT_VERSION", "walk_groups"]
 
-SPEC_FORMAT_VERSION = 3  # the newest version this autoperm reads and writes (the oldest that can say what a spec holds)
+SPEC_FORMAT_VERSION = 3  # the newest version this autoperm reads and writes (the oldest that says everything a spec holds)
 
 
 @dataclass(frozen=True)
@@ -146,11 +150,15 @@ class PermutationSpec:
     shapes: dict[str, list[int]] = field(default_factory=dict)
     unsupported: list[str] = field(default_factory=list)
     per: dict[str, str] = field(default_factory=dict)
+    maps: list = field(default_factory=list)  # autoperm.maps.Map
+    map_pins: list = field(default_factory=list)  # autoperm.maps.MapPin
     modules: list[ModuleGroup] = field(default_factory=list)
 
     @classmethod
-    def from_axes(cls, axes, group_sizes, pinned=(), shapes=None, unsupported=(), per=None, modules=()):
-        spec = cls(dict(axes), dict(group_sizes), list(pinned), dict(shapes or {}), list(unsupported), dict(per or {}))
+    def from_axes(cls, axes, group_sizes, pinned=(), shapes=None, unsupported=(), per=None, maps=(), map_pins=(),
+                  modules=()):
+        spec = cls(dict(axes), dict(group_sizes), list(pinned), dict(shapes or {}), list(unsupported), dict(per or {}),
+                   list(maps), list(map_pins))
         spec.modules = [m if isinstance(m, ModuleGroup) else ModuleGroup.from_dict(m) for m in modules]
         if spec.per:
             from ._wreath import check_per
@@ -159,11 +167,6 @@ class PermutationSpec:
             from ._modules import check_modules
             check_modules(spec)
         return spec
-
-    @property
-    def version(self) -> int:
-        """The oldest format version that holds this spec: 3 with module groups, 2 with per-block groups, else 1."""
-        return 3 if self.modules else 2 if self.per else 1
 
     def block_count(self, name: str) -> int:
         """Number of blocks of ``name``'s block group (1 for a group that is not per block)."""
@@ -191,6 +194,11 @@ class PermutationSpec:
         """Total permutable units (sum of group sizes)."""
         return sum(self.group_sizes.values())
 
+    @property
+    def num_rows(self) -> int:
+        """Permutation entries of an element: a per-block group counts once per block (what ``units_moved`` counts)."""
+        return sum(s * self.block_count(n) for n, s in self.group_sizes.items())
+
     def permuted_fraction(self) -> float:
         """Fraction of state-dict elements in tensors with at least one permuted axis."""
         import math
@@ -208,7 +216,16 @@ class PermutationSpec:
         }
 
     # -- serialisation ------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """The oldest format version that can say everything this spec holds."""
+        return 3 if (self.maps or self.map_pins or self.modules) else 2 if self.per else 1
+
     def to_dict(self) -> dict:
+        extra = {}
+        if self.version >= 3:
+            extra = {"maps": [m.to_dict() for m in self.maps],
+                     "map_pins": [{"where": p.where, "kind": p.kind, "reason": p.reason} for p in self.map_pins]}
         return {
             "format": "autoperm.spec",
             "version": self.version,
@@ -218,6 +235,7 @@ class PermutationSpec:
             "shapes": self.shapes,
             "pinned": [{"key": p.key, "axis": p.axis, "size": p.size, "reason": p.reason} for p in self.pinned],
             "unsupported": self.unsupported,
+            **extra,
             **({"modules": [m.to_dict() for m in self.modules]} if self.modules else {}),
         }
 
@@ -233,12 +251,16 @@ class PermutationSpec:
             raise ValueError(f"unsupported spec version {d.get('version')}; this autoperm reads 1 to {SPEC_FORMAT_VERSION}")
         if d.get("version") == 1 and any("per" in g for g in d["groups"]):
             raise ValueError("a version-1 spec cannot declare groups per block ('per' needs version 2)")
+        if d.get("version") < 3 and (d.get("maps") or d.get("map_pins")):
+            raise ValueError("a spec before version 3 cannot declare maps ('maps' needs version 3)")
         if d.get("version") < 3 and "modules" in d:
             raise ValueError(f"a version-{d.get('version')} spec cannot declare module groups ('modules' needs version 3)")
+        from .maps.map import Map, MapPin
         return cls.from_axes(
             d["axes"], {g["name"]: g["size"] for g in d["groups"]},
             [Pin(**p) for p in d.get("pinned", [])], d.get("shapes", {}), d.get("unsupported", []),
             {g["name"]: g["per"] for g in d["groups"] if "per" in g},
+            [Map.from_dict(m) for m in d.get("maps", [])], [MapPin(**p) for p in d.get("map_pins", [])],
             modules=[ModuleGroup.from_dict(m) for m in d.get("modules", [])],
         )
 

@@ -57,7 +57,7 @@ def align_folders(model_dirs: Sequence[str], out_dirs: Sequence[str | None], *, 
         except ValueError as e:  # name the folders, not the arguments
             raise CheckpointError(str(e).replace("state_a", model_dirs[0]).replace("state_b", model_dirs[i])) from e
         moved = units_moved(perm)
-        log(f"weight matching {os.path.basename(os.path.normpath(model_dirs[i]))}: {moved} of {spec.num_units} "
+        log(f"weight matching {os.path.basename(os.path.normpath(model_dirs[i]))}: {moved} of {spec.num_rows} "
             f"units moved, {sum(stats.get('sweeps', []))} sweeps, {time.perf_counter() - t:.1f} s, "
             f"{(a.bytes_read + b.bytes_read) / 1e9:.1f} GB read")
         perms.append(perm)
