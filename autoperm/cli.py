@@ -506,6 +506,13 @@ def format_spec(spec, rm=None, verbose: bool = False, invariance=None) -> str:
             lines.append("")
             lines.append(f"{grp.name} ({grp.size}):")
             lines += [f"  {m.key}:{m.axis}  {render_expr(m.expr, spec, grp.name)}" for m in grp.members]
+    if spec.modules:  # whole modules (experts in a ModuleList) that move with a group's units
+        lines.append("")
+        lines.append(f"module groups ({len(spec.modules)}; each unit of the group is a whole module, which moves "
+                     "with its own groups):")
+        lines += _table(["group", "modules", "own groups per module"],
+                        [[m.axis, f"{m.prefixes[0]}* ... {m.prefixes[-1]}* ({len(m.prefixes)})",
+                          str(len(m.local))] for m in spec.modules], indent=2)
     pins = _unique_pins(spec)
     lines.append("")
     lines.append(f"pinned axes ({len(pins)}):" if pins else "pinned axes: none")

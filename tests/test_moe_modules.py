@@ -213,3 +213,9 @@ def test_ste_matching_runs_over_module_moves():
     aligned = autoperm.apply_permutation(spec, perm, model_b.state_dict())
     assert autoperm.check_invariance(model_b, spec, X) < TOL
     assert all(torch.equal(aligned[k], v) for k, v in model.state_dict().items())
+
+
+def test_inspect_lists_module_groups():
+    from autoperm.cli import format_spec
+    text = format_spec(autoperm.infer_spec(_model(), X))
+    assert "module groups (2;" in text and "moes.1.experts.0.* ... moes.1.experts.3.* (4)" in text
