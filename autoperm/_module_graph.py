@@ -104,12 +104,14 @@ def find_module_moves(tm) -> list[ModuleMove]:
         if n < 2 or set(fam) != set(range(n)) or any(set(fam[i]) != set(fam[0]) for i in fam):
             continue
         prefixes = tuple(f"{base}.{i}." if base else f"{i}." for i in range(n))
-        reach = [_descendants(fam[i].values()) for i in range(n)]
-        own = [reach[i] - set().union(*(reach[j] for j in range(n) if j != i)) for i in range(n)]
         groups = [(src, dim, [by_index[i][0] for i in range(n)]) for (src, dim), by_index in sels.items()
                   if int(src.meta["val"].shape[dim]) == n and set(by_index) == set(range(n))
-                  and all(len(v) == 1 and v[0] not in claimed for v in by_index.values())
-                  and all(set(_descendants([by_index[i][0]])) & own[i] for i in range(n))]
+                  and all(len(v) == 1 and v[0] not in claimed for v in by_index.values())]
+        if not groups:
+            continue
+        reach = [_descendants(fam[i].values()) for i in range(n)]
+        own = [reach[i] - set().union(*(reach[j] for j in range(n) if j != i)) for i in range(n)]
+        groups = [g for g in groups if all(_descendants([g[2][i]]) & own[i] for i in range(n))]
         if not groups:  # no routing tensor whose entry i reaches module i's computation alone
             continue
         move = ModuleMove(prefixes, [[g[2][i] for g in groups] for i in range(n)],
