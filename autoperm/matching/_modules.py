@@ -112,7 +112,7 @@ def _module_step(spec, inner, a, b, perm, m, descend, kw) -> tuple[dict, bool]:
         ai = {r: a[m.prefixes[i] + r] for r in rel}
         for j in range(n):
             bj = {r: bs[m.prefixes[j] + r] for r in rel}
-            q = descend(sub, ai, bj, None, None, **kw) if sub.group_sizes else {}
+            q = descend(sub, ai, bj, None, None, **{**kw, "progress": False, "stats": None}) if sub.group_sizes else {}
             out = apply_permutation(sub, with_blocks(q, sub), bj) if sub.group_sizes else bj
             value[i, j] += float(sum(torch.sum(ai[r].double() * out[r].double()) for r in rel
                                      if ai[r].is_floating_point()))
