@@ -230,9 +230,10 @@ def _group_norm_ok(ctx, tree, x, groups, h, d) -> bool:
     sizes, n, k = [tree.atoms.size(f) for f in facs], 1, 0
     while k < len(facs) and n < groups:
         n *= sizes[k]; k += 1
+    inside = [{x for f in fs for x in tree.leaves(f)} for fs in (facs, facs[:k])]  # leaves, a cut factor's too
     if n != groups:
-        return d not in facs
-    return not (d in facs[:k] and h not in facs[:k])
+        return d not in inside[0]
+    return not (d in inside[1] and h not in inside[1])
 
 
 def per_block(ctx, keys_layouts: dict) -> dict[int, int]:

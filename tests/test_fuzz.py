@@ -35,7 +35,10 @@ def test_random_architectures_are_sound_complete_and_matchable(arch):
 # against the largest output).
 # 21902 (generator 2): instance norm over a sequence then a mean over it, an output of 8e-15 in
 # float64 (zero up to round-off) whose relative change was 5.8e-3: such a mode is skipped as degenerate.
-SEEDS = [0, 1, 2, 3, 7, 11, 23, 31, 123, 8008, 21902]
+# 30492, 31637 (generator 2): GroupNorm's groups later cut by a slice (or a pad) became a concatenation, whose
+# leaves the per-group check did not look into: the group index was declared per the within-group channel,
+# which moves channels between groups (output change 0.11 and 0.035); the check now reads a cut factor's leaves.
+SEEDS = [0, 1, 2, 3, 7, 11, 23, 31, 123, 8008, 21902, 30492, 31637]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
