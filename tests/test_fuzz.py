@@ -38,7 +38,9 @@ def test_random_architectures_are_sound_complete_and_matchable(arch):
 # 30492, 31637 (generator 2): GroupNorm's groups later cut by a slice (or a pad) became a concatenation, whose
 # leaves the per-group check did not look into: the group index was declared per the within-group channel,
 # which moves channels between groups (output change 0.11 and 0.035); the check now reads a cut factor's leaves.
-SEEDS = [0, 1, 2, 3, 7, 11, 23, 31, 123, 8008, 21902, 30492, 31637]
+# 32184: two ModuleList MoE layers whose experts move as modules; the planted check's objective did not move the
+# modules, so a wrong answer scored as high as the planted one (the objective now counts module moves).
+SEEDS = [0, 1, 2, 3, 7, 11, 23, 31, 123, 8008, 21902, 30492, 31637, 32184]
 
 
 @pytest.mark.parametrize("seed", SEEDS)

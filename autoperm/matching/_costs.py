@@ -336,7 +336,10 @@ def objective(spec: PermutationSpec, state_a, state_b, perm, keys=None) -> float
     """``Σ_keys <A, P(B)>`` (float64) over ``keys`` (default: every tensor that carries a group).
 
     Over a state sharded across ranks (``_sharded.ShardedState``), each rank sums its own keys
-    and the total is summed over the ranks."""
+    and the total is summed over the ranks. With module groups, every tensor a module move changes counts."""
+    if spec.modules and keys is None:
+        from ._modules import module_objective
+        return module_objective(spec, state_a, state_b, perm)
     if spec.per and any(torch.as_tensor(p).dim() == 2 for p in perm.values()):
         from ._blocks import block_objective
         return block_objective(spec, state_a, state_b, perm,
