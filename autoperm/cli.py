@@ -484,7 +484,9 @@ def format_spec(spec, rm=None, verbose: bool = False, invariance=None) -> str:
         shapes = ", ".join("x".join(map(str, s)) for s in rm.input_shapes)
         lines.append(f"{rm.name} ({rm.source}), example input {shapes}")
     n_pins = len(_unique_pins(spec))
-    per = f" ({len(spec.per)} independent per block)" if spec.per else ""
+    n_blocks = len(set(spec.per.values()))
+    per = (f" ({len(spec.per)} of them per block of another group, {n_blocks} block group{'s' if n_blocks != 1 else ''})"
+           if spec.per else "")
     lines.append(f"{len(spec.group_sizes)} groups{per}, {spec.num_units} permutable units, "
                  f"{100 * spec.permuted_fraction():.1f}% of state-dict elements in tensors with a permuted axis, "
                  f"{n_pins} pinned axes, {len(spec.unsupported)} unsupported ops")
@@ -499,8 +501,11 @@ def format_spec(spec, rm=None, verbose: bool = False, invariance=None) -> str:
         forms = sorted({render_expr(m.expr, spec, grp.name) for m in grp.members}, key=len)
         members = f"{len(grp.members)} axes" + (f" in {tensors} tensors" if tensors != len(grp.members) else "")
         rows.append([grp.name, str(grp.size), "/".join(map(str, blocks)), members, _clip(", ".join(forms), 60)]
-                    + ([_per_text(spec, grp)] if spec.per else []))
-    lines += _table(["group", "size", "block", "members", "structure"] + (["independent per"] if spec.per else []), rows)
+                    + ([grp.per or ""] if spec.per else []))
+    lines += _table(["group", "size", "width", "members", "structure"] + (["per block of"] if spec.per else []), rows)
+    if spec.per:
+        lines.append("")
+        lines += format_blocks(spec)
     if verbose:
         for grp in spec.groups:
             lines.append("")
@@ -523,10 +528,10 @@ def format_spec(spec, rm=None, verbose: bool = False, invariance=None) -> str:
         lines += [f"  {u}" for u in spec.unsupported]
     lines.append("")
     lines.append("structure: [n] is this group, other numbers are other groups' sizes, 'fixed:n' never moves; "
-                 "x is a product (blocks), + a concatenation. block: indices each unit moves together."
-                 + (" A size marked * permutes independently in every block of another group "
-                    "(its 'independent per' column): e.g. heads 6 x dim 64* is 6 heads, each with its own "
-                    "permutation of its 64 dims." if spec.per else ""))
+                 "x is a product, + a concatenation. width: indices each unit moves together."
+                 + (" A size marked * permutes independently in every block of another group (its 'per block of' "
+                    "column): e.g. heads 6 x dim 64* is 6 heads, each with its own permutation of its 64 dims."
+                    if spec.per else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -557,12 +562,31 @@ def render_expr(expr, spec, mark: str | None = None) -> str:
     return " + ".join(inner)
 
 
-def _per_text(spec, grp) -> str:
-    """``<block group> (n blocks)`` for a group independent per block; ``blocks of k`` for a block group."""
-    if grp.per is not None:
-        return f"each of the {spec.group_sizes[grp.per]} blocks of {grp.per}"
-    inner = [d for d, h in spec.per.items() if h == grp.name]
-    return f"(blocks of {len(inner)} group{'s' if len(inner) > 1 else ''})" if inner else ""
+def format_blocks(spec) -> list[str]:
+    """The block structure of a spec, one row per block group: how many blocks it has and the groups
+    each of its blocks permutes on its own (with their sizes). Empty when no group is per block.
+
+    >>> from autoperm.spec import PermutationSpec
+    >>> qkv = {"prod": [{"g": "heads"}, {"cat": [{"g": "qk"}, {"g": "v"}]}]}
+    >>> spec = PermutationSpec.from_axes({"w": [qkv]}, {"heads": 6, "qk": 64, "v": 64}, per={"qk": "heads", "v": "heads"})
+    >>> print("\\n".join(format_blocks(spec)))
+    block structure: 2 groups permute independently in every block of 1 block group
+      block group  blocks  its own permutation in every block, of
+      -----------  ------  --------------------------------------
+      heads        6       qk (64), v (64)
+    """
+    if not spec.per:
+        return []
+    inner: dict[str, list[str]] = {}
+    for d in spec.group_sizes:
+        if d in spec.per:
+            inner.setdefault(spec.per[d], []).append(d)
+    rows = [[b, str(spec.group_sizes[b]), ", ".join(f"{d} ({spec.group_sizes[d]})" for d in ds)]
+            for b, ds in inner.items()]
+    n = len(inner)
+    head = (f"block structure: {len(spec.per)} group{'s' if len(spec.per) != 1 else ''} permute independently in "
+            f"every block of {n} block group{'s' if n != 1 else ''}")
+    return [head] + _table(["block group", "blocks", "its own permutation in every block, of"], rows, indent=2)
 
 
 def _unique_pins(spec):

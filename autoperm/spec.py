@@ -208,9 +208,17 @@ class PermutationSpec:
         return hit / tot if tot else 0.0
 
     def summary(self) -> dict:
-        """A compact, stable summary: group names and sizes, pinned axes with reasons."""
+        """A compact, stable summary: group names and sizes, which group is per block of which, pinned
+        axes with reasons, unsupported ops.
+
+        >>> spec = PermutationSpec.from_axes({"w": [{"prod": [{"g": "h"}, {"g": "d"}]}]}, {"h": 2, "d": 3},
+        ...                                  per={"d": "h"})
+        >>> spec.summary()["per"]
+        {'d': 'h'}
+        """
         return {
             "groups": {n: s for n, s in self.group_sizes.items()},
+            "per": {n: self.per[n] for n in self.group_sizes if n in self.per},
             "pinned": sorted({f"{p.key}:{p.axis} ({p.size}) {p.reason}" for p in self.pinned}),
             "unsupported": list(self.unsupported),
         }

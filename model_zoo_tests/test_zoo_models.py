@@ -57,7 +57,8 @@ def test_trace(entry):
 @pytest.mark.snapshot
 @pytest.mark.zoo_kind("snapshot")
 def test_snapshot(entry):
-    """Groups (names, sizes) and pinned axes (with reasons) match the checked-in snapshot."""
+    """Groups (names, sizes), which group is per block of which (``per``: group -> block group) and
+    pinned axes (with reasons) match the checked-in snapshot."""
     _, x, spec = traced(entry)
     got = {"model": entry.name, "input_shape": list(x.shape) if hasattr(x, "shape") else None,
            "summary": spec.summary()}

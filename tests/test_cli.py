@@ -89,6 +89,55 @@ def test_inspect_verbose_lists_members_with_structure(capsys):
     assert "  blocks.0.attn.qkv.weight:0  " in out
 
 
+def _block_rows(out: str) -> dict[str, tuple[int, list[str]]]:
+    """The ``block structure`` section of an inspect report: block group -> (blocks, inner groups)."""
+    section = out.split("block structure:")[1].split("\n\n")[0].splitlines()[3:]  # after the header lines
+    rows = {}
+    for line in section:
+        name, blocks, inner = line.strip().split(None, 2)
+        rows[name] = (int(blocks), [g.rsplit(" (", 1)[0] for g in inner.split(", ")])
+    return rows
+
+
+def _expected_blocks(spec) -> dict[str, tuple[int, list[str]]]:
+    want: dict = {}
+    for d, b in spec.per.items():
+        want.setdefault(b, (spec.group_sizes[b], []))[1].append(d)
+    return want
+
+
+def test_inspect_shows_block_structure_of_heads(capsys):
+    """A ViT: every head's q/k dims and v dims permute on their own; the report lists, per block group
+    (the heads of one layer), its number of blocks and the groups each block permutes on its own."""
+    assert main(["inspect", "test_vit", "-q"]) == 0
+    out = capsys.readouterr().out
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    spec = autoperm.infer_spec(model, torch.randn(2, *model.pretrained_cfg["input_size"]))
+    n_blocks = len(set(spec.per.values()))
+    assert n_blocks == 6 and len(spec.per) == 12  # 6 layers: heads, each with its own q/k and v dims
+    assert f"({len(spec.per)} of them per block of another group, {n_blocks} block groups)" in out
+    assert _block_rows(out) == _expected_blocks(spec)
+    assert _block_rows(out)["blocks.0.attn.qkv.weight:0.0.0"][0] == 2  # test_vit has 2 heads
+    for d, b in spec.per.items():  # the groups table names each group's block group
+        assert any(line.split()[0] == d and line.split()[-1] == b for line in out.splitlines() if line.strip())
+
+
+def test_inspect_shows_block_structure_of_grouped_conv(factories, capsys):
+    """A grouped convolution then GroupNorm with the same 2 groups: the groups move as blocks and
+    each block permutes its 4 channels on its own (before and after the grouped conv)."""
+    assert main(["inspect", "mymodels:grouped", "--input-shape", "3,8,8", "-q", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "(ok)" in out
+    assert "(2 of them per block of another group, 1 block group)" in out
+    assert _block_rows(out) == {"0.weight:0.0": (2, ["0.weight:0.1", "2.weight:0.1"])}
+
+
+def test_inspect_without_blocks_has_no_block_section(capsys):
+    assert main(["inspect", "test_resnet", "--input-shape", "3,64,64", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "block structure" not in out and "per block of" not in out
+
+
 def test_render_expr():
     spec = PermutationSpec.from_axes({"w": [{"prod": [{"g": "h"}, {"g": "d"}]}]}, {"h": 3, "d": 4})
     assert render_expr(spec.axes["w"][0], spec, "h") == "[3]x4"
@@ -102,6 +151,10 @@ from torch import nn
 
 def mlp(width=16):
     return nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 3))
+
+def grouped():
+    return nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.GroupNorm(2, 8),
+                         nn.ReLU(), nn.Conv2d(8, 4, 1))
 
 def with_inputs():
     return mlp(5), (torch.randn(2, 4),)

@@ -137,7 +137,8 @@ def test_inspect_shows_the_block_structure():
     with pytest.warns(UserWarning, match="not used"):
         spec = autoperm.infer_spec(m, x)
     text = format_spec(spec)
-    assert "(2 independent per block)" in text and "independent per" in text
+    assert "(2 of them per block of another group, 1 block group)" in text and "per block of" in text
     heads = next(iter(spec.per.values()))
-    assert f"each of the {H} blocks of {heads}" in text
+    row = next(line.split(None, 2) for line in text.split("block structure:")[1].splitlines()[3:] if line.strip())
+    assert row[:2] == [heads, str(H)] and all(d in row[2] for d in spec.per)  # H blocks, each with its own dims
     assert f"{H}x[{C // H}]*" in text  # heads x dims, the dims independent per head

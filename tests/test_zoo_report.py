@@ -29,6 +29,23 @@ def test_summary_page_sections_and_records_beside_it(tmp_path):
     assert read_records(tmp_path / "zoo.jsonl") == recs
 
 
+def test_block_structure_counted_per_model_and_in_all(tmp_path):
+    """Groups per block: a column per model (per-block groups / block groups) and totals lines; records
+    made before per-block groups existed (no ``per_block``) say n/a and add no totals lines."""
+    vit = _rec("vit", "v", per_block=4, per={"qk0": "h0", "v0": "h0", "qk1": "h1", "v1": "h1"})
+    cnn = _rec("cnn", "c", per_block=0)
+    page = render_markdown([vit, cnn], title="Zoo", records_path="zoo.jsonl")
+    assert "| vit | v | pass | 1.0M | yes | 3 | 4 / 2 |" in page and "| cnn | c | pass | 1.0M | yes | 3 | 0 |" in page
+    assert "| groups per block of another group, in all | 4 |" in page
+    assert "| block groups (each of whose blocks permutes such groups on its own), in all | 2 |" in page
+    assert "| models with groups per block (attention heads, grouped convolutions, GroupNorm, experts) | 1 |" in page
+    write_records([vit, cnn], tmp_path / "zoo.jsonl")
+    assert read_records(tmp_path / "zoo.jsonl")[0].per == vit.per
+    old = _rec("old", "o")  # per_block None
+    page = render_markdown([old], title="Zoo", full=[old], full_expected=1, records_path="zoo.jsonl")
+    assert "| old | o | pass | 1.0M | yes | 3 | n/a |" in page and "groups per block of another group" not in page
+
+
 def test_run_zoo_writes_the_records_beside_the_page(tmp_path, monkeypatch):
     pytest.importorskip("timm")
     import autoperm.zoo as zoo

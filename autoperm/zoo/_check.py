@@ -44,6 +44,8 @@ class ZooRecord:
     traced: bool = False
     groups: int = 0
     units: int = 0
+    per_block: int | None = None  # groups per block of another group (None: a record made before they existed)
+    per: dict = field(default_factory=dict)  # each group per block -> its block group
     permuted_fraction: float = 0.0
     pins: dict = field(default_factory=dict)  # pin reason (without its node) -> number of pinned axes
     pinned: list = field(default_factory=list)  # every pinned axis: "key:axis (size) reason"
@@ -297,6 +299,7 @@ def _run_stages(entry, rec, seed, tol, planted, locate):
     rec.infer_s = round(time.perf_counter() - t, 2)
     rec.traced = True
     rec.groups, rec.units = len(spec.group_sizes), spec.num_units
+    rec.per_block, rec.per = len(spec.per), dict(spec.per)
     rec.permuted_fraction = round(spec.permuted_fraction(), 4)
     rec.pins, rec.unsupported = pin_kinds(spec), list(spec.unsupported)
     rec.pinned = [f"{p.key}:{p.axis} ({p.size}) {p.reason}" for p in spec.pinned]

@@ -6,7 +6,7 @@ import collections
 
 from ._check import TOLERANCE, ZooRecord
 
-__all__ = ["render_markdown", "totals", "family_rows", "pin_reasons"]
+__all__ = ["render_markdown", "totals", "block_totals", "family_rows", "pin_reasons"]
 
 
 def totals(records: list[ZooRecord]) -> dict[str, int]:
@@ -18,7 +18,19 @@ def totals(records: list[ZooRecord]) -> dict[str, int]:
         "traced": sum(r.traced for r in records),
         "pass": c["pass"], "fail": c["fail"], "error": c["error"], "skip": c["skip"],
         "pass_with_unsupported": sum(r.status == "pass" and bool(r.unsupported) for r in records),
+        **block_totals(records),
     }
+
+
+def block_totals(records: list[ZooRecord]) -> dict[str, int | None]:
+    """Over the traced records: groups per block of another group, their block groups, and the models
+    that have any; None each when no record says (records made before per-block groups)."""
+    known = [r for r in records if r.traced and r.per_block is not None]
+    if not known:
+        return {"per_block": None, "block_groups": None, "models_with_blocks": None}
+    return {"per_block": sum(r.per_block for r in known),
+            "block_groups": sum(len(set(r.per.values())) for r in known),
+            "models_with_blocks": sum(r.per_block > 0 for r in known)}
 
 
 def family_rows(records: list[ZooRecord]) -> list[dict]:
@@ -71,7 +83,11 @@ def _totals_table(t: dict, expected: int | None = None) -> list[str]:
             f"| … of which with an op that has no rule (its axes pinned) | {t['pass_with_unsupported']} |",
             f"| fail: traced, but no group or outputs changed | {t['fail']} |",
             f"| error: build, trace or inference raised, timed out or crashed | {t['error']} |",
-            f"| skipped: too large | {t['skip']} |"]
+            f"| skipped: too large | {t['skip']} |"] + ([] if t.get("per_block") is None else [
+            f"| models with groups per block (attention heads, grouped convolutions, GroupNorm, experts) "
+            f"| {t['models_with_blocks']} |",
+            f"| groups per block of another group, in all | {t['per_block']} |",
+            f"| block groups (each of whose blocks permutes such groups on its own), in all | {t['block_groups']} |"])
 
 
 def _not_passing(records: list[ZooRecord]) -> list[str]:
@@ -102,28 +118,39 @@ def _family_table(records: list[ZooRecord]) -> list[str]:
     return out
 
 
+def _blocks(r: ZooRecord) -> str:
+    if r.per_block is None or not r.traced:
+        return "n/a"
+    return f"{r.per_block} / {len(set(r.per.values()))}" if r.per_block else "0"
+
+
 def _model_table(records: list[ZooRecord]) -> list[str]:
     out = [f"*error*: largest relative output change after a random permutation of every group (pass: at most "
-           f"{TOLERANCE:g}); *train* only for models with BatchNorm. *permuted params*: fraction of parameter "
-           "and buffer elements in tensors with at least one permuted axis. *pins*: pinned axes counted by "
-           "reason, the four commonest.", "",
-           "| model | family | status | params | traced | groups | units | permuted params | error eval "
+           f"{TOLERANCE:g}); *train* only for models with BatchNorm. *per block*: groups that permute "
+           "independently in every block of another group (each attention head its own head dims, each group of "
+           "a grouped convolution or GroupNorm its own channels, each expert its own hidden units) / the block "
+           "groups they belong to (which is which: `per` in the records). *permuted params*: fraction of "
+           "parameter and buffer elements in tensors with at least one permuted axis. *pins*: pinned axes "
+           "counted by reason, the four commonest.", "",
+           "| model | family | status | params | traced | groups | per block | units | permuted params | error eval "
            "| error train | time (s) | pins |",
-           "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+           "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in records:
         out.append(f"| {r.name} | {r.family} | {r.status} | {r.params / 1e6:.1f}M | {'yes' if r.traced else 'no'} "
-                   f"| {r.groups} | {r.units} | {r.permuted_fraction:.1%} | {_err(r.error_eval)} "
+                   f"| {r.groups} | {_blocks(r)} | {r.units} | {r.permuted_fraction:.1%} | {_err(r.error_eval)} "
                    f"| {_err(r.error_train)} | {r.time_s:.1f} | {_cell(_pins(r))} |")
     return out
 
 
 def _detail(path: str) -> list[str]:
-    return [f"Every record in full (every pinned axis with its reason and graph node, the unsupported ops, the "
-            f"planted-permutation results, timings) is one JSON object per line in `{path}`:", "",
+    return [f"Every record in full (every pinned axis with its reason and graph node, which group is per block of "
+            f"which, the unsupported ops, the planted-permutation results, timings) is one JSON object per line in "
+            f"`{path}`:", "",
             "```python",
             "from autoperm.zoo import read_records",
             f'records = {{r.name: r for r in read_records("{path}")}}',
             'print("\\n".join(records[NAME].pinned))   # key:axis (size) reason at node',
+            "print(records[NAME].per)                   # group per block -> its block group",
             "```"]
 
 
@@ -140,10 +167,12 @@ def render_markdown(records: list[ZooRecord], *, title: str, intro: str = "", fu
     set's size, so a partial run says so.
 
     >>> rec = ZooRecord("m", "fam", "pass", params=10**6, traced=True, groups=3, error_eval=1e-7,
-    ...                 pins={"model output": 2})
+    ...                 pins={"model output": 2}, per_block=2, per={"qk": "heads", "v": "heads"})
     >>> page = render_markdown([rec], title="Zoo", records_path="zoo.jsonl")
-    >>> "| m | fam | pass | 1.0M | yes | 3 |" in page, "| model output | 2 | 1 | m |" in page
+    >>> "| m | fam | pass | 1.0M | yes | 3 | 2 / 1 |" in page, "| model output | 2 | 1 | m |" in page
     (True, True)
+    >>> "| groups per block of another group, in all | 2 |" in page
+    True
     """
     t = totals(records)
     out = [f"# {title}", "", intro, "", "## Totals", ""] + _totals_table(t) + [""]
