@@ -37,7 +37,35 @@ _PREFERENCE = ("invertible", "orthogonal", "scale")  # the largest group first
 _PASS = {"aten._to_copy", "aten.to", "aten.alias", "aten.clone", "aten.contiguous", "aten.detach", "getitem",
          "aten.lift_fresh_copy", "aten.type_as", "aten._assert_tensor_metadata"}
 _READ_THROUGH = _PASS | {"aten.select", "aten.slice", "aten.index", "aten.reshape", "aten.view", "aten._unsafe_view",
-                         "aten.unsqueeze", "aten.squeeze", "aten.flatten", "aten.dropout", "aten.expand"}
+                         "aten.unsqueeze", "aten.squeeze", "aten.flatten", "aten.unflatten", "aten.dropout",
+                         "aten.expand", "aten.permute", "aten.transpose", "aten.roll"}  # moves that keep each unit
+
+
+def _users(n) -> list:
+    """The users of ``n`` that read its value (export's dtype assertions read nothing)."""
+    return [u for u in n.users if op_names(u)[1] != "aten._assert_tensor_metadata"]
+
+
+def _weight_source(w, axis):
+    """``(placeholder, axis)`` of a weight seen through transposes, permutes and casts read by nothing else."""
+    while isinstance(w, torch.fx.Node) and w.op == "call_function":
+        name = op_names(w)[1]
+        if len(_users(w)) != 1:
+            return None
+        if name in ("aten.transpose", "aten.swapaxes", "aten.swapdims"):
+            n = len(w.meta["val"].shape)
+            a, b = w.args[1] % n, w.args[2] % n
+            axis = b if axis == a else a if axis == b else axis
+        elif name == "aten.t":
+            axis = 1 - axis
+        elif name == "aten.permute":
+            axis = list(w.args[1])[axis] % len(w.meta["val"].shape)
+        elif name not in _PASS:
+            return None
+        w = w.args[0]
+    if isinstance(w, torch.fx.Node) and w.op == "placeholder":
+        return w, axis
+    return None
 
 
 class _Parity:
@@ -155,7 +183,7 @@ class Checker:
         chain, plus_one = [], False
         while isinstance(x, torch.fx.Node) and x.op == "call_function":
             name = op_names(x)[1]
-            if len(x.users) != 1:
+            if len(_users(x)) != 1:
                 return None
             if name in _PASS:
                 chain.append(x)
@@ -166,7 +194,7 @@ class Checker:
                 plus_one, x = True, x.args[0]
             else:
                 return None
-        if not isinstance(x, torch.fx.Node) or x.op != "placeholder" or len(x.users) != 1:
+        if not isinstance(x, torch.fx.Node) or x.op != "placeholder" or len(_users(x)) != 1:
             return None
         key, kind = self._key(x)
         if key is None or kind != "param" or self.ctx.shape(x) is None or len(self.ctx.shape(x)) != 1 \
@@ -186,7 +214,7 @@ class Checker:
     def readers(self, node, shift: bool):
         """``(readers, None)``: the linear layers that read ``node``'s values along the space (through moves that
         keep each unit), as ``(weight key, axis, bias key)``; or ``(None, reason)``."""
-        out, todo, seen = [], list(node.users), set()
+        out, todo, seen = [], _users(node), set()
         lay = self.parts(node)[0] if self.parts(node) else ()
         axes = self.axes(node)
         if len(axes) != 1 or len(self.parts(node)) != 1:
@@ -198,17 +226,18 @@ class Checker:
                 continue
             seen.add(u)
             name = op_names(u)[1]
-            if name in _READ_THROUGH or (name == "aten.mean" and self._mean_elsewhere(u)):
+            if name in _READ_THROUGH or (name == "aten.mean" and self._mean_elsewhere(u)) or (
+                    name in ("aten.pad", "aten.constant_pad_nd") and not any(u.args[1])):
                 if len(self.axes(u)) != 1:
                     return None, f"{self.where(u)} reshapes the space"
-                todo.extend(u.users)
+                todo.extend(_users(u))
                 continue
             got = self._reader(u, unit)
             if isinstance(got, str):
                 return None, got
             key, axis, bkey = got
             if shift and bkey is None:
-                return None, f"the norm's shift cannot fold into {key!r}: that layer has no bias"
+                return None, f"the norm's shift cannot fold into {key!r}: that layer has no bias parameter of its own"
             out.append(got)
         if not out:
             return None, f"{self.where(node)} is read by no linear layer"
@@ -230,10 +259,15 @@ class Checker:
             b, w, axis = u.args[0], u.args[2], 0
         elif name in ("aten.mm", "aten.matmul"):
             w, axis = u.args[1], 0
+        elif name in ("aten._grouped_mm", "transformers.grouped_mm_fallback", "autoperm.grouped_mm") and \
+                len(self.ctx.shape(u.args[0])) == 2:
+            w, b, axis = u.args[1], (u.args[3] if len(u.args) > 3 else u.kwargs.get("bias")), 1
         else:
             return f"{self.where(u)} reads the normalised values (not a linear layer: the scale sits on the space)"
-        if not (isinstance(w, torch.fx.Node) and w.op == "placeholder") or len(w.users) != 1:
-            return f"{self.where(u)} does not read a weight of its own"
+        got = _weight_source(w, axis)
+        if got is None or len(_users(got[0])) != 1:
+            return f"{self.where(u)} does not read a weight of its own (tied, or read by another op too)"
+        w, axis = got
         key, kind = self._key(w)
         if key is None or kind != "param" or self.axes(w) != [axis] or \
                 self.ctx.atoms.find(self.parts(w)[0][axis]) != unit:
@@ -241,10 +275,9 @@ class Checker:
         if self._aliases(key):
             return f"{key!r} is tied to {self._aliases(key)[0]!r}: folding a norm into it would change both"
         bkey = None
-        if isinstance(b, torch.fx.Node):
-            if b.op != "placeholder" or len(b.users) != 1:
-                return f"{self.where(u)} has a bias that is not a parameter of its own"
-            bkey, _ = self._key(b)
+        if isinstance(b, torch.fx.Node) and b.op == "placeholder" and len(_users(b)) == 1:
+            bkey, bkind = self._key(b)
+            bkey = bkey if bkind == "param" and not self._aliases(bkey) else None
         return key, axis, bkey
 
     def fold_scale(self, node) -> bool:
