@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import autoperm
-from autoperm.maps import check_symmetries, infer_maps
+from autoperm import PermutationSpec
+from autoperm.maps import Map, check_symmetries, infer_maps
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -55,3 +56,62 @@ def test_infer_spec_opt_in_and_default_unchanged():
     assert autoperm.infer_spec(mlp, x).maps == []
     assert [m.kind for m in autoperm.infer_spec(mlp, x, maps=True).maps] == ["scale"]
     assert autoperm.infer_spec(mlp, x, maps=("orthogonal",)).maps == []
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class RopeAttention(nn.Module):
+    """Pre-norm single attention layer with rotate_half RoPE; ``pair_equal=False`` builds cos/sin from two
+    different frequency halves, so units i and i + d/2 turn by different angles."""
+
+    def __init__(self, c=16, heads=2, pair_equal=True, qk_norm=False):
+        super().__init__()
+        self.heads, self.dh = heads, c // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(c, c) for _ in range(4))
+        self.qn = nn.RMSNorm(self.dh) if qk_norm else nn.Identity()
+        f = 1.0 / (100 ** (torch.arange(self.dh // 2, dtype=torch.float64) / (self.dh // 2)))
+        self.register_buffer("f", f, persistent=False)
+        self.pair_equal = pair_equal
+
+    def forward(self, x):
+        b, t, c = x.shape
+        pos = torch.arange(t, dtype=x.dtype)
+        fr = pos[:, None] * self.f[None, :].to(x.dtype)
+        emb = torch.cat((fr, fr), -1) if self.pair_equal else torch.cat((fr, 2 * fr), -1)
+        cos, sin = emb.cos(), emb.sin()
+        q = self.qn(self.q(x).view(b, t, self.heads, self.dh)).transpose(1, 2)
+        k = self.k(x).view(b, t, self.heads, self.dh).transpose(1, 2)
+        v = self.v(x).view(b, t, self.heads, self.dh).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(a.transpose(1, 2).reshape(b, t, c))
+
+
+def test_rope_pairs_take_a_rotation_per_head():
+    model = RopeAttention().double()
+    x = torch.randn(2, 5, 16, dtype=F64)
+    spec = infer_maps(model, x, kinds=("rotary",))
+    (m,) = spec.maps
+    assert (m.kind, m.size, m.blocks, m.pairs[:2]) == ("rotary", 8, 2, ((0, 4), (1, 5)))
+    assert {s.key for s in m.sites} == {"q.weight", "q.bias", "k.weight", "k.bias"}
+    assert check_symmetries(model, spec, x, seed=5) < 1e-12
+    wrong = Map(m.name, "rotary", 8, 2, m.sites, pairs=tuple((2 * i, 2 * i + 1) for i in range(4)))
+    assert check_symmetries(model, PermutationSpec.from_axes({}, {}, maps=[wrong]), x, seed=5, permute=False) > 1e-3
+
+
+def test_rope_with_unequal_angles_in_a_pair_is_pinned():
+    model = RopeAttention(pair_equal=False).double()
+    spec = infer_maps(model, torch.randn(2, 5, 16, dtype=F64), kinds=("rotary",))
+    assert spec.maps == []
+    assert [p.kind for p in spec.map_pins] == ["rotary"] and "not proven equal" in spec.map_pins[0].reason
+
+
+def test_a_norm_inside_the_head_pins_the_rotation():
+    model = RopeAttention(qk_norm=True).double()
+    spec = infer_maps(model, torch.randn(2, 5, 16, dtype=F64), kinds=("rotary",))
+    assert spec.maps == []
+    assert "qn.weight" in spec.map_pins[0].reason and "cannot fold" in spec.map_pins[0].reason

@@ -9,8 +9,9 @@ What is inferred (2 layers, tiny widths):
 | timm ViT, DeiT | orthogonal, centred, 5 norms folded | orthogonal (fused qkv) | invertible |
 | timm Swin | last stage only (stage 0: the patch norm writes the stream; stages 1-2: merging's norm shift, reduction has no bias) | orthogonal | invertible |
 | timm ConvNeXt | pinned: depthwise convolution | - | - |
-| timm EVA-02 | pinned: LayerNorm shift into qkv, whose bias is a concatenation with a buffer | rotary (RoPE) | invertible |
-| Llama, Qwen2, Qwen3, Mixtral | orthogonal (RMSNorm) | rotary (RoPE) | invertible |
+| timm EVA-02 | pinned: LayerNorm shift into qkv, whose bias is a concatenation with a buffer | none (interleaved RoPE: no rule, q/k dims pinned) | invertible |
+| Llama, Qwen2, Mixtral | orthogonal (RMSNorm) | rotary per kv head (RoPE) | invertible |
+| Qwen3 | orthogonal (RMSNorm) | pinned: q/k norm weight inside the head | invertible |
 | Gemma (tied head), GPT-2 (tied head) | pinned: the final norm would fold into the tied embedding | rotary / orthogonal | invertible |
 | GPT-2 untied | pinned: the final LayerNorm's shift, lm_head has no bias | orthogonal | invertible |
 | Gemma untied | orthogonal, 1 + w folds | rotary | invertible |
@@ -137,3 +138,18 @@ def test_a_wrong_map_changes_the_function():
     for m in bad:
         wrong = dataclasses.replace(spec, maps=[m])
         assert check_symmetries(model, wrong, x, seed=1, permute=False, dtype=torch.float64) > 1e-3, m.name
+
+
+# rotary maps (one per attention layer, blocks = key/value heads), or a phrase of the reason they are pinned
+ROTARY = {"llama": 2, "qwen2": 2, "mixtral": 2, "gemma": 2, "gemma_untied": 2, "qwen3": "q_norm.weight"}
+
+
+@pytest.mark.parametrize("name", sorted(ROTARY))
+def test_rotary_maps_or_pin(name):
+    model, x, spec = built(name)
+    rot = [m for m in spec.maps if m.kind == "rotary"]
+    if isinstance(ROTARY[name], str):
+        assert rot == [] and all(ROTARY[name] in p.reason for p in spec.map_pins if p.kind == "rotary")
+    else:
+        assert len(rot) == ROTARY[name] and all(m.blocks == 2 and m.size == 8 for m in rot)
+        assert all({s.key.rsplit(".", 2)[-2] for s in m.sites} == {"q_proj", "k_proj"} for m in rot)

@@ -109,6 +109,7 @@ class Checker:
         self.exempt: set = set()
         self.squares: set = set()
         self.writers: list = []
+        self.whole = None  # an atom made of copies of d that no op may take apart (a rotary head dim)
         self._axes: dict = {}
 
     # -- queries for rules --------------------------------------------------------------------------
@@ -343,7 +344,7 @@ class Checker:
         if any(keys) and out is not None:
             readers, why = self.readers(out, shift=keys[1] is not None)
             if readers is None:
-                self.keep(frozenset(), f"the scale of {self.where(node)} cannot fold: {why}")
+                self.keep(frozenset(), f"the scale {keys[0] or keys[1]!r} of {self.where(node)} cannot fold: {why}")
                 return
             self.folds.append(Fold(keys[0], keys[1], readers))
             self.fold_keys.update(k_ for k_ in keys if k_)
@@ -435,12 +436,25 @@ class Checker:
             for o in self.vars(node):
                 self._tie(v, o, 0, node)
 
+    def _whole(self, a) -> bool:
+        atoms = self.ctx.atoms
+        if atoms.find(a) == self.whole:
+            return True
+        r = atoms.root(a)
+        if r.kind is None:
+            return atoms.find(a) != self.d
+        return all(self._whole(c) for c in r.children)
+
     # -- the run --------------------------------------------------------------------------------------
     def run(self, nodes):
         self.prepass(nodes)
         first: dict = {}  # one tensor read by several placeholders (two graphs, tied keys): one role per axis
         for n in nodes:
-            if n in self.exempt:
+            if n in self.exempt or (n.op == "call_function" and op_names(n)[1] == "aten._assert_tensor_metadata"):
+                continue
+            if self.whole is not None and not all(self._whole(a) for x in [n, *n.all_input_nodes]
+                                                  for t in self.parts(x) for a in t):
+                self.keep(frozenset(), f"{n.name} takes the pairs of the head dim apart")
                 continue
             if n.op == "placeholder":
                 key, kind = self._key(n)
@@ -482,9 +496,10 @@ def _copies(atoms, tree, a, d, h, off=0, stride=1, block=None, out=None):
     r = atoms.root(a)
     if r.size <= 1:
         return out
+    if atoms.find(a) == d:
+        out.append((off, stride, block))
+        return out
     if r.kind is None:
-        if atoms.find(a) == d:
-            out.append((off, stride, block))
         return out
     if r.kind == "cat":
         pos = 0
@@ -495,7 +510,7 @@ def _copies(atoms, tree, a, d, h, off=0, stride=1, block=None, out=None):
     parts = tree._flat(a)
     sizes = [atoms.size(p) for p in parts]
     inner = [math.prod(sizes[k + 1:]) for k in range(len(parts))]
-    with_d = [k for k, p in enumerate(parts) if d in tree.leaves(p)]
+    with_d = [k for k, p in enumerate(parts) if _has(atoms, p, d)]
     if len(with_d) > 1:
         raise ValueError("the space appears twice in one product axis")
     if not with_d:
@@ -512,6 +527,13 @@ def _copies(atoms, tree, a, d, h, off=0, stride=1, block=None, out=None):
             b = combo[others.index(hpos[0])]
         _copies(atoms, tree, parts[k], d, h, o, stride * inner[k], b, out)
     return out
+
+
+def _has(atoms, a, d) -> bool:
+    if atoms.find(a) == d:
+        return True
+    r = atoms.root(a)
+    return r.kind is not None and any(_has(atoms, c, d) for c in r.children)
 
 
 def _sites(key, axis, role, copies, blocks):
@@ -578,7 +600,25 @@ def maps_from_analysis(ctx, tms, spec: PermutationSpec, kinds: Sequence[str] | N
             continue
         if m is not None:
             maps.append(m)
+    if "rotary" in kinds:
+        from .rotary import rotary_maps
+        more, why = rotary_maps(ctx, tms, kinds, Checker, _copies, _rotary_sites)
+        maps += more
+        pins += why
     return dataclasses.replace(spec, maps=maps, map_pins=pins)
+
+
+def _rotary_sites(chk, keys, u, h):
+    atoms = chk.ctx.atoms
+    blocks = atoms.size(h) if h is not None else 1
+    sites = []
+    for key, n in keys:
+        tm = next(tm for tm in chk.tms if n.graph is tm.graph)
+        for (_, j, axis) in chk.vars(n):
+            copies = _copies(atoms, chk.tree, chk.parts(n)[j][axis], u, h)
+            for k in (key, *sorted(tm.aliases.get(key, ()))):
+                sites.extend(s for s in _sites(k, axis, "primal", copies, blocks) if s not in sites)
+    return sites
 
 
 def _build_map(ctx, tms, chk, name, kind, d, h):
