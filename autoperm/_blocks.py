@@ -228,8 +228,9 @@ def _group_norm_ok(ctx, tree, x, groups, h, d) -> bool:
     while k < len(facs) and n < groups:
         n *= sizes[k]; k += 1
     if n != groups:
-        return d not in facs
-    return not (d in facs[:k] and h not in facs[:k])
+        return d not in {x for f in facs for x in tree.leaves(f)}
+    lead = {x for f in facs[:k] for x in tree.leaves(f)}  # leaves of the group index (a factor may be a concatenation)
+    return not (d in lead and h not in lead)
 
 
 def per_block(ctx, keys_layouts: dict) -> dict[int, int]:

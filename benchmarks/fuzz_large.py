@@ -53,6 +53,11 @@ FIXED = {
                   "that is zero up to round-off (8e-15 in float64), so its relative change (5.8e-3) measured round-off "
                   "only. `check_architecture` now skips a mode whose outputs are at most 1e-10 and marks it "
                   "degenerate; seed 21902 is a regression test in tests/test_fuzz.py and passes",
+    ("2", 30492): "an unsound per-block group: GroupNorm(3 groups) then a narrow to 2 groups made the group index a "
+                  "concatenation (one fixed group, two free ones), whose leaves the per-block GroupNorm check did not "
+                  "look at, so the group index was declared independent per channel within a group (channels moved "
+                  "between groups differently, output change 0.11). `_blocks._group_norm_ok` now reads the leaves of "
+                  "the group index; seed 30492 is a regression test in tests/test_fuzz.py and passes",
 }
 
 
