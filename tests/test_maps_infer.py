@@ -115,3 +115,75 @@ def test_a_norm_inside_the_head_pins_the_rotation():
     spec = infer_maps(model, torch.randn(2, 5, 16, dtype=F64), kinds=("rotary",))
     assert spec.maps == []
     assert "qn.weight" in spec.map_pins[0].reason and "cannot fold" in spec.map_pins[0].reason
+
+
+class TiedLM(nn.Module):
+    """Embedding, one linear residual branch, head tied to the embedding: no norm to fold."""
+
+    def __init__(self, v=11, c=6):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(v, c), nn.Linear(c, c)
+        self.head = nn.Linear(c, v, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        return self.head(x + self.fc(x))
+
+
+def test_tied_embedding_takes_orthogonal_maps_only():
+    model = TiedLM().double()
+    ids = torch.randint(0, 11, (2, 5))
+    spec = infer_maps(model, ids, kinds=("orthogonal", "invertible", "scale"))
+    (m,) = spec.maps
+    assert m.kind == "orthogonal" and m.holds == ("orthogonal",)
+    assert {s.key for s in m.sites} >= {"emb.weight", "head.weight"}
+    assert any(p.kind == "invertible" and "own dual" in p.reason for p in spec.map_pins)
+    assert check_symmetries(model, spec, ids, seed=1) < 1e-12
+
+
+def test_multihead_attention_packed_in_projection():
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).double().eval()
+
+    class Self(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    model, x = Self(), torch.randn(2, 5, 16, dtype=F64)
+    spec = infer_maps(model, x, kinds=("orthogonal", "invertible"))
+    heads = [m for m in spec.maps if m.blocks == 4]
+    assert sorted(m.kind for m in heads) == ["invertible", "orthogonal"]  # v/o; q/k share the packed weight
+    assert all(s.key.startswith("mha.") for m in heads for s in m.sites)
+    assert check_symmetries(model, spec, x, seed=2) < 1e-12
+
+
+class PostNorm(nn.Module):
+    """x = norm(x + fc(x)): the norm's scale sits on the stream itself."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.inp, self.fc, self.norm, self.out = nn.Linear(3, c), nn.Linear(c, c), nn.LayerNorm(c), nn.Linear(c, 2)
+        self.fc2 = nn.Linear(c, c)
+
+    def forward(self, x):
+        x = self.norm(self.inp(x))
+        x = x + self.fc(x)
+        return self.out(x + self.fc2(x))
+
+
+def test_post_norm_stream_is_pinned_with_its_reader():
+    spec = infer_maps(PostNorm(), torch.randn(4, 3))
+    assert spec.maps == []
+    (pin,) = [p for p in spec.map_pins if p.kind == "orthogonal"]
+    assert "'norm.weight'" in pin.reason and "add" in pin.reason and "cannot fold" in pin.reason
+
+
+def test_batchnorm_between_layers_blocks_scaling():
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    spec = infer_maps(net, torch.randn(3, 4))
+    assert spec.maps == []
+    assert any(p.kind == "scale" and "batch_norm" in p.reason for p in spec.map_pins), spec.map_pins
