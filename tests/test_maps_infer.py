@@ -56,6 +56,10 @@ def test_infer_spec_opt_in_and_default_unchanged():
     assert autoperm.infer_spec(mlp, x).maps == []
     assert [m.kind for m in autoperm.infer_spec(mlp, x, maps=True).maps] == ["scale"]
     assert autoperm.infer_spec(mlp, x, maps=("orthogonal",)).maps == []
+    base = autoperm.infer_spec(mlp, x)
+    assert infer_maps(mlp, x, base).maps == autoperm.infer_spec(mlp, x, maps=True).maps
+    with pytest.raises(ValueError, match="other groups"):
+        infer_maps(mlp, x, autoperm.infer_spec(nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 2)), x))
 
 
 def _rotate_half(x):

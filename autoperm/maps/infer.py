@@ -215,7 +215,7 @@ class Checker:
     def readers(self, node, shift: bool):
         """``(readers, None)``: the linear layers that read ``node``'s values along the space (through moves that
         keep each unit), as ``(weight key, axis, bias key)``; or ``(None, reason)``."""
-        out, todo, seen = [], _users(node), set()
+        out, todo, seen = [], _users(node), {node}
         lay = self.parts(node)[0] if self.parts(node) else ()
         axes = self.axes(node)
         if len(axes) != 1 or len(self.parts(node)) != 1:
@@ -233,7 +233,7 @@ class Checker:
                     return None, f"{self.where(u)} reshapes the space"
                 todo.extend(_users(u))
                 continue
-            got = self._reader(u, unit)
+            got = self._reader(u, unit, seen)
             if isinstance(got, str):
                 return None, got
             key, axis, bkey = got
@@ -251,20 +251,20 @@ class Checker:
         n = len(self.ctx.shape(u.args[0]))
         return not {x % n for x in ([dims] if isinstance(dims, int) else dims)} & set(self.axes(u.args[0]))
 
-    def _reader(self, u, unit):
+    def _reader(self, u, unit, path):
         name = op_names(u)[1]
-        w = b = None
+        w = b = x = None
         if name == "aten.linear":
-            w, b, axis = u.args[1], (u.args[2] if len(u.args) > 2 else u.kwargs.get("bias")), 1
+            x, w, b, axis = u.args[0], u.args[1], (u.args[2] if len(u.args) > 2 else u.kwargs.get("bias")), 1
         elif name == "aten.addmm":
-            b, w, axis = u.args[0], u.args[2], 0
+            b, x, w, axis = u.args[0], u.args[1], u.args[2], 0
         elif name in ("aten.mm", "aten.matmul"):
-            w, axis = u.args[1], 0
+            x, w, axis = u.args[0], u.args[1], 0
         elif name in ("aten._grouped_mm", "transformers.grouped_mm_fallback", "autoperm.grouped_mm") and \
                 len(self.ctx.shape(u.args[0])) == 2:
-            w, b, axis = u.args[1], (u.args[3] if len(u.args) > 3 else u.kwargs.get("bias")), 1
-        else:
-            return f"{self.where(u)} reads the normalised values (not a linear layer: the scale sits on the space)"
+            x, w, b, axis = u.args[0], u.args[1], (u.args[3] if len(u.args) > 3 else u.kwargs.get("bias")), 1
+        if x is None or x not in path or any(a in path for a in u.all_input_nodes if a is not x):
+            return f"{self.where(u)} reads the normalised values (not as the input of a linear layer)"
         got = _weight_source(w, axis)
         if got is None or len(_users(got[0])) != 1:
             return f"{self.where(u)} does not read a weight of its own (tied, or read by another op too)"
@@ -660,7 +660,11 @@ def infer_maps(model: torch.nn.Module, example_inputs, spec: PermutationSpec | N
 
     ``kinds`` lists the kinds to infer (default ``("orthogonal", "rotary", "scale")``); each space takes
     the largest of them that holds (invertible, else orthogonal, else scale); ``Map.holds`` lists every
-    kind that holds on it. ``spec`` is ignored but for its type; the model is not modified.
+    kind that holds on it. ``spec``, a permutation spec inferred from the same model and inputs, is returned
+    with the maps added (its groups must be the ones inferred here). The model is not modified.
+
+    Raises:
+        ValueError: an unknown kind, or a ``spec`` whose groups are not this model's.
 
     >>> import torch
     >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -673,4 +677,8 @@ def infer_maps(model: torch.nn.Module, example_inputs, spec: PermutationSpec | N
     from .._infer import analyse
 
     ctx, tms, base = analyse(model, example_inputs, modes=modes)
+    if spec is not None:
+        if spec.group_sizes != base.group_sizes or spec.per != base.per:
+            raise ValueError("spec has other groups than the ones inferred for this model and inputs")
+        base = spec
     return maps_from_analysis(ctx, tms, base, kinds)

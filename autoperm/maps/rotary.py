@@ -213,7 +213,7 @@ def _one(ctx, tms, tree, Checker, sites_of, comp, u, half, exempt, why, d, nodes
     if not ss:
         return None, None
     pairs = tuple((i, i + d // 2) for i in range(d // 2))
-    return Map(name, "rotary", d, atoms.size(h) if h is not None else 1, tuple(ss), (), False, pairs, None,
+    return Map(name, "rotary", d, atoms.size(h) if h is not None else 1, tuple(ss), tuple(chk.folds), False, pairs, None,
                "RoPE rotates each frequency pair; every other op commutes with rotations of the pair", ("rotary",)), None
 
 
