@@ -58,6 +58,8 @@ FIXED = {
                   "look at, so the group index was declared independent per channel within a group (channels moved "
                   "between groups differently, output change 0.11). `_blocks._group_norm_ok` now reads the leaves of "
                   "the group index; seed 30492 is a regression test in tests/test_fuzz.py and passes",
+    ("2", 31637): "the same GroupNorm per-block check (a pre-norm GroupNorm over channels built by a concatenation, "
+                  "output change 0.035); fixed by the same change, seed 31637 is a regression test and passes",
 }
 
 
