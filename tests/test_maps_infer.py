@@ -103,6 +103,7 @@ def test_rope_pairs_take_a_rotation_per_head():
     assert (m.kind, m.size, m.blocks, m.pairs[:2]) == ("rotary", 8, 2, ((0, 4), (1, 5)))
     assert {s.key for s in m.sites} == {"q.weight", "q.bias", "k.weight", "k.bias"}
     assert check_symmetries(model, spec, x, seed=5) < 1e-12
+    assert PermutationSpec.from_json(spec.to_json()) == spec  # format version 3 keeps every field
     wrong = Map(m.name, "rotary", 8, 2, m.sites, pairs=tuple((2 * i, 2 * i + 1) for i in range(4)))
     assert check_symmetries(model, PermutationSpec.from_axes({}, {}, maps=[wrong]), x, seed=5, permute=False) > 1e-3
 
