@@ -22,7 +22,7 @@ from ._trace import TraceError, TracedModel, mode_of, trace
 from .rules import get_rule
 from .spec import PermutationSpec, Pin
 
-__all__ = ["infer_spec", "Context", "axis_graph"]
+__all__ = ["infer_spec", "analyse", "Context", "axis_graph"]
 
 UNUSED = "not used by the traced graph"
 
@@ -40,6 +40,8 @@ class Context:
         self.wrappers: set[Node] = set()  # higher-order nodes whose body graph was analysed node by node
         self.selectors: dict = {}  # node -> the module move (ModuleList experts) it selects a module for
         self.module_moves: list = []  # (move, expert atom) of every module move that holds after the rules
+        self.group_roots: dict[str, int] = {}  # group name -> its root atom (set when the spec is built)
+        self.per_roots: dict[int, int] = {}  # inner root -> block root, for groups independent per block
 
     # -- lookups ----------------------------------------------------------
     def lay(self, x) -> Layout | None:
@@ -328,7 +330,8 @@ def _check(ctx: Context, node: Node, out):
     return out if ok else _default_rule(ctx, node, f"rule for {_target_name(node.target)} returned a wrong layout")
 
 
-def infer_spec(model: torch.nn.Module, example_inputs, *, modes: Sequence[str] | None = None) -> PermutationSpec:
+def infer_spec(model: torch.nn.Module, example_inputs, *, modes: Sequence[str] | None = None,
+               maps: bool | Sequence[str] = False) -> PermutationSpec:
     """Infer every permutation of hidden units that leaves ``model``'s function unchanged.
 
     ``example_inputs`` is a tensor or a tuple of tensors; the graph is
@@ -338,6 +341,9 @@ def infer_spec(model: torch.nn.Module, example_inputs, *, modes: Sequence[str] |
     unused in the first (auxiliary heads that run only in train mode). The
     model is not modified.
 
+    ``maps`` also infers continuous symmetries (``spec.maps``, ``spec.map_pins``; see
+    :func:`autoperm.maps.infer_maps`): ``True`` for the default kinds, or the kinds to infer.
+
     >>> import torch, autoperm
     >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> spec = autoperm.infer_spec(mlp, torch.randn(1, 4))
@@ -346,6 +352,16 @@ def infer_spec(model: torch.nn.Module, example_inputs, *, modes: Sequence[str] |
     >>> len(autoperm.infer_spec(mlp, torch.randn(2, 4), modes=("eval", "train")).groups)
     1
     """
+    ctx, tms, spec = analyse(model, example_inputs, modes=modes)
+    if maps is False or maps is None:
+        return spec
+    from .maps.infer import maps_from_analysis
+    return maps_from_analysis(ctx, tms, spec, None if maps is True else tuple(maps))
+
+
+def analyse(model: torch.nn.Module, example_inputs, *, modes: Sequence[str] | None = None):
+    """``(context, traced graphs, spec)``: :func:`infer_spec` with the analysis it ran (``Context.layouts``,
+    ``Context.group_roots``, ``Context.per_roots``), for analyses built on the atoms (``autoperm.maps``)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"infer_spec needs a torch.nn.Module, got {type(model).__name__}")
     if modes is not None and (not modes or set(modes) - {"eval", "train"}):
@@ -358,7 +374,8 @@ def infer_spec(model: torch.nn.Module, example_inputs, *, modes: Sequence[str] |
             tms.append(_trace_in(model, example_inputs, "eval" if current == "train" else "train"))
         except TraceError:
             pass  # the warning below says the spec covers the traced mode only
-    spec = _build_spec(_run(*tms), model)
+    ctx = _run(*tms)
+    spec = _build_spec(ctx, model)
     unused = sorted(params - set().union(*(_used_keys(tm) for tm in tms)))
     if unused:
         traced = " and ".join(tm.mode for tm in tms)
@@ -366,8 +383,8 @@ def infer_spec(model: torch.nn.Module, example_inputs, *, modes: Sequence[str] |
         tail = (f"modules that run only in {untraced[0]} mode (auxiliary heads) may read permuted channels; "
                 f"the spec is exact for {traced} mode") if untraced else "they stay unpermuted"
         warnings.warn(f"{len(unused)} parameters are not used by the graph traced in {traced} mode "
-                      f"({', '.join(unused[:3])}{' ...' if len(unused) > 3 else ''}): {tail}", stacklevel=2)
-    return spec
+                      f"({', '.join(unused[:3])}{' ...' if len(unused) > 3 else ''}): {tail}", stacklevel=3)
+    return ctx, tms, spec
 
 
 def _trace_in(model: torch.nn.Module, example_inputs, mode: str) -> TracedModel:
@@ -388,7 +405,9 @@ def _build_spec(ctx: Context, model: torch.nn.Module) -> PermutationSpec:
     while True:  # a module move that the rendered spec cannot express pins its expert axis; render again
         axes, pinned, names = _render(ctx, state)
         sizes = {name: ctx.atoms.size(root) for root, name in names.items()}
-        per = {names[d]: names[h] for d, h in per_block(ctx, ctx.state_layouts).items() if d in names and h in names}
+        ctx.per_roots = per_block(ctx, ctx.state_layouts)
+        ctx.group_roots = {name: root for root, name in names.items()}
+        per = {names[d]: names[h] for d, h in ctx.per_roots.items() if d in names and h in names}
         shapes = {k: list(t.shape) for k, t in state.items()}
         modules, bad = _module_groups(ctx, axes, names, sizes, per, shapes)
         if not bad:
