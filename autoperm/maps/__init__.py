@@ -1,14 +1,16 @@
 """Continuous symmetries beyond permutations: rotations, orthogonal and invertible maps, positive scalings.
 
 ``map`` says where each acts (:class:`Map`, :class:`Site`, :class:`Fold`); ``element`` makes and applies
-elements (:class:`Transform`).
+elements (:class:`Transform`); ``align`` applies what matching finds (:class:`Alignment`, :func:`align_state`).
 """
 from .element import (
     Transform, apply_transform, fold_norms, identity_transform, maps_of, random_transform, transform_matrices,
     unfold_norms,
 )
 from .check import check_symmetries
+from .align import Alignment, align_state
 from .map import KINDS, ROLES, Fold, Map, MapPin, Site
 
 __all__ = ["Map", "Site", "Fold", "MapPin", "KINDS", "ROLES", "Transform", "random_transform", "identity_transform",
-           "apply_transform", "transform_matrices", "fold_norms", "unfold_norms", "maps_of", "check_symmetries"]
+           "apply_transform", "transform_matrices", "fold_norms", "unfold_norms", "maps_of", "check_symmetries",
+           "Alignment", "align_state"]
