@@ -8,7 +8,8 @@ plus a constant, the weight-matching objective. The descent alternates:
 - a *map phase*: each map in spec order takes its closed-form best element with everything else fixed
   (``_map_steps``); a move is kept only if it lowers the distance; sweeps repeat until none moves;
 - a *permutation phase*: permutation weight matching (``descend_groups``) of B against ``T*(A)``
-  (the adjoint of the current transform applied to A, so ``<T*(A), P(B)> = <A, T(P(B))>``);
+  (the adjoint of the current transform applied to A, so ``<T*(A), P(B)> = <A, T(P(B))>``), from
+  the current permutation (and, in the first round, also afresh), kept if it lowers the distance;
 
 until a round no longer lowers the distance. Every step is deterministic: the result depends only on
 the seed (the permutation phase's visiting orders).
@@ -227,7 +228,8 @@ def _descend(spec, maps, a, b, keys, perm, transform, descend, rounds, kw) -> tu
                 break
         if has_groups:  # permutation phase against the adjoint of the transform, from here and afresh
             adj = _adjoint(maps, transform, a)
-            for start, unknown in ((perm, ()), (None, None)):
+            fresh = ((None, None),) if r == 0 else ()  # afresh only once: a start far from the first one
+            for start, unknown in ((perm, ()), *fresh):
                 new_perm = descend(spec, adj, b, start, None, restarts=1, unknown=unknown,
                                    **{**kw, "seed": kw["seed"] + r})
                 trial = apply_transform([m for m, _ in maps], transform, apply_permutation(spec, new_perm, b))
@@ -237,3 +239,24 @@ def _descend(spec, maps, a, b, keys, perm, transform, descend, rounds, kw) -> tu
         if history[-1] <= history[-2] + 1e-12 * abs(history[-2]):
             break
     return perm, transform, history
+
+
+def refine_maps(spec: PermutationSpec, maps, state_a, state_b, perm, transform, only) -> Transform:
+    """``transform`` with the maps in ``only`` (names) moved by weight steps, every other symmetry
+    fixed at ``perm`` and ``transform``, until none moves (norms folded first)."""
+    plain = [m for m, _ in maps]
+    a, b = fold_norms(plain, state_a), fold_norms(plain, state_b)
+    transform = Transform({k: v.clone() for k, v in transform.items()})
+    cur = apply_transform(plain, transform, apply_permutation(spec, perm, b) if spec.group_sizes else b)
+    for _ in range(50):
+        moved = False
+        for m, kind in maps:
+            if m.name in only:
+                res = _step(m, kind, a, cur, transform[m.name])
+                if res is not None:
+                    transform[m.name], trial = res
+                    cur.update(trial)
+                    moved = True
+        if not moved:
+            break
+    return transform
