@@ -21,7 +21,7 @@ from ._trace import TraceError, TracedModel, mode_of, trace
 from .rules import get_rule
 from .spec import PermutationSpec, Pin
 
-__all__ = ["infer_spec", "Context", "axis_graph"]
+__all__ = ["infer_spec", "analyse", "Context", "axis_graph"]
 
 UNUSED = "not used by the traced graph"
 
@@ -37,6 +37,8 @@ class Context:
         self.state_layouts: dict[str, Any] = {}  # state-dict key -> layout, one per tensor across graphs
         self.structured: set[Node] = set()  # nodes whose rule asked for an axis' product structure
         self.wrappers: set[Node] = set()  # higher-order nodes whose body graph was analysed node by node
+        self.group_roots: dict[str, int] = {}  # group name -> its root atom (set when the spec is built)
+        self.per_roots: dict[int, int] = {}  # inner root -> block root, for groups independent per block
 
     # -- lookups ----------------------------------------------------------
     def lay(self, x) -> Layout | None:
@@ -316,7 +318,8 @@ def _check(ctx: Context, node: Node, out):
     return out if ok else _default_rule(ctx, node, f"rule for {_target_name(node.target)} returned a wrong layout")
 
 
-def infer_spec(model: torch.nn.Module, example_inputs, *, modes: Sequence[str] | None = None) -> PermutationSpec:
+def infer_spec(model: torch.nn.Module, example_inputs, *, modes: Sequence[str] | None = None,
+               maps: bool | Sequence[str] = False) -> PermutationSpec:
     """Infer every permutation of hidden units that leaves ``model``'s function unchanged.
 
     ``example_inputs`` is a tensor or a tuple of tensors; the graph is
@@ -326,6 +329,9 @@ def infer_spec(model: torch.nn.Module, example_inputs, *, modes: Sequence[str] |
     unused in the first (auxiliary heads that run only in train mode). The
     model is not modified.
 
+    ``maps`` also infers continuous symmetries (``spec.maps``, ``spec.map_pins``; see
+    :func:`autoperm.maps.infer_maps`): ``True`` for the default kinds, or the kinds to infer.
+
     >>> import torch, autoperm
     >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> spec = autoperm.infer_spec(mlp, torch.randn(1, 4))
@@ -334,6 +340,16 @@ def infer_spec(model: torch.nn.Module, example_inputs, *, modes: Sequence[str] |
     >>> len(autoperm.infer_spec(mlp, torch.randn(2, 4), modes=("eval", "train")).groups)
     1
     """
+    ctx, tms, spec = analyse(model, example_inputs, modes=modes)
+    if maps is False or maps is None:
+        return spec
+    from .maps.infer import maps_from_analysis
+    return maps_from_analysis(ctx, tms, spec, None if maps is True else tuple(maps))
+
+
+def analyse(model: torch.nn.Module, example_inputs, *, modes: Sequence[str] | None = None):
+    """``(context, traced graphs, spec)``: :func:`infer_spec` with the analysis it ran (``Context.layouts``,
+    ``Context.group_roots``, ``Context.per_roots``), for analyses built on the atoms (``autoperm.maps``)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"infer_spec needs a torch.nn.Module, got {type(model).__name__}")
     if modes is not None and (not modes or set(modes) - {"eval", "train"}):
@@ -346,7 +362,8 @@ def infer_spec(model: torch.nn.Module, example_inputs, *, modes: Sequence[str] |
             tms.append(_trace_in(model, example_inputs, "eval" if current == "train" else "train"))
         except TraceError:
             pass  # the warning below says the spec covers the traced mode only
-    spec = _build_spec(_run(*tms), model)
+    ctx = _run(*tms)
+    spec = _build_spec(ctx, model)
     unused = sorted(params - set().union(*(_used_keys(tm) for tm in tms)))
     if unused:
         traced = " and ".join(tm.mode for tm in tms)
@@ -354,8 +371,8 @@ def infer_spec(model: torch.nn.Module, example_inputs, *, modes: Sequence[str] |
         tail = (f"modules that run only in {untraced[0]} mode (auxiliary heads) may read permuted channels; "
                 f"the spec is exact for {traced} mode") if untraced else "they stay unpermuted"
         warnings.warn(f"{len(unused)} parameters are not used by the graph traced in {traced} mode "
-                      f"({', '.join(unused[:3])}{' ...' if len(unused) > 3 else ''}): {tail}", stacklevel=2)
-    return spec
+                      f"({', '.join(unused[:3])}{' ...' if len(unused) > 3 else ''}): {tail}", stacklevel=3)
+    return ctx, tms, spec
 
 
 def _trace_in(model: torch.nn.Module, example_inputs, mode: str) -> TracedModel:
@@ -416,12 +433,14 @@ def _build_spec(ctx: Context, model: torch.nn.Module) -> PermutationSpec:
     sizes = {}
     for root, name in names.items():
         sizes[name] = atoms.size(root)
-    per = {names[d]: names[h] for d, h in per_block(ctx, by_key).items() if d in names and h in names}
+    ctx.per_roots = per_block(ctx, by_key)
+    ctx.group_roots = {name: root for root, name in names.items()}
+    per = {names[d]: names[h] for d, h in ctx.per_roots.items() if d in names and h in names}
     shapes = {k: list(t.shape) for k, t in state.items()}
     try:
         return PermutationSpec.from_axes(axes, sizes, pinned, shapes, unsupported=ctx.unsupported, per=per)
     except ValueError as e:  # an engine bug: keep the inner groups shared (sound) and say so
-        warnings.warn(f"independent per-block groups dropped: {e}", stacklevel=3)
+        warnings.warn(f"independent per-block groups dropped: {e}", stacklevel=4)
         return PermutationSpec.from_axes(axes, sizes, pinned, shapes, unsupported=ctx.unsupported)
 
 

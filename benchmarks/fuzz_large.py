@@ -3,7 +3,8 @@
 Each seed is one architecture (``autoperm.testing.random_architecture(seed)``), checked by
 ``autoperm.testing.check_architecture``: spec inferred, every known hidden axis grouped, outputs
 unchanged by random permutations (eval, and train with BatchNorm-like statistics), a planted
-permutation undone by ``weight_matching``. Progress goes to a ledger (``docs/fuzz-ledger.json``)
+permutation undone by ``weight_matching``, inferred continuous maps (orthogonal, invertible, rotary,
+scaling) checked under random elements. Progress goes to a ledger (``docs/fuzz-ledger.json``)
 every ``--every`` seeds, so a run stopped at any point keeps what it checked; the totals table in
 ``docs/reliability.md`` is regenerated from the ledger (seeds counted once per generator version).
 
@@ -111,10 +112,12 @@ def totals_markdown(ledger: dict) -> str:
         v["stalls"] += run.get("matching_stalls", 0)
         v["unrecovered"] = v.get("unrecovered", 0) + run.get("matching_unrecovered", 0)
         v["failures"] += run.get("failures", [])
+        v["maps"] = v.get("maps", 0) + run.get("maps_checked", 0)
     lines = ["| generator | architectures (distinct seeds) | seed range | invariance violations | "
              "incomplete specs | inference crashes | wrong planted recoveries | planted recovered only from a "
-             "random start | planted not reached (search stalled) | runs |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "random start | planted not reached (search stalled) | runs | architectures with inferred maps | "
+             "map invariance violations |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     total = 0
     for ver, v in sorted(by_version.items()):
         f = v["fail"]
@@ -123,7 +126,8 @@ def totals_markdown(ledger: dict) -> str:
         inv = f"{inv} ({fixed_inv} fixed)" if fixed_inv else f"{inv}"
         lines.append(f"| v{ver} | {len(v['seeds'])} | {_ranges(sorted(v['seeds']))} | {inv} | {f.get('complete', 0)} | "
                      f"{f.get('infer', 0) + f.get('crash', 0) + f.get('generate', 0)} | {f.get('planted', 0)} | "
-                     f"{v['stalls']} | {v.get('unrecovered', 0)} | {v['runs']} |")
+                     f"{v['stalls']} | {v.get('unrecovered', 0)} | {v['runs']} | {v['maps']} | "
+                     f"{sum(n for st, n in f.items() if st.startswith('maps'))} |")
         total += len(v["seeds"])
     lines.append("")
     lines.append(f"**Total: {total} random architectures checked.** Each row counts a seed once however often it "
@@ -184,6 +188,11 @@ def main(argv=None) -> int:
         try:
             arch = random_architecture(seed)
             report = check_architecture(arch, matching=not args.no_matching)
+            if report.get("maps"):
+                run["maps_checked"] = run.get("maps_checked", 0) + 1
+                kinds = run.setdefault("maps_by_kind", {})
+                for k, n in report["maps"].items():
+                    kinds[k] = kinds.get(k, 0) + n
             if report.get("planted") == "recovered-after-random-starts":
                 run["matching_stalls"] += 1
             elif report.get("planted") == "stalled":

@@ -98,6 +98,7 @@ class Map:
     pairs: tuple[tuple[int, int], ...] = ()
     group: str | None = None  # the permutation group on the same units, if any (informational)
     reason: str = ""
+    holds: tuple[str, ...] = ()  # every kind proven to hold on these units (``kind`` is one of them); () = unstated
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -133,4 +134,5 @@ class Map:
         d["folds"] = tuple(Fold(f["weight"], f["bias"], tuple(tuple(r) for r in f["readers"]), f.get("plus_one", False))
                            for f in d.get("folds", ()))
         d["pairs"] = tuple(tuple(p) for p in d.get("pairs", ()))
+        d["holds"] = tuple(d.get("holds", ()))
         return cls(**d)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .._infer import infer_spec
+from .._infer import analyse
 from ..check import check_invariance, randomize_
 from ..permutation import apply_permutation, random_permutation
 from ._arch import Architecture, Chooser, generate
@@ -26,7 +26,11 @@ class FuzzFailure(AssertionError):
         super().__init__(f"[{stage}] {detail}\n  architecture: {arch.description}")
 
 
-def check_architecture(arch: Architecture, *, tol: float = TOL, matching: bool = True, seed: int = 0) -> dict:
+MAP_KINDS = ("orthogonal", "invertible", "rotary", "scale")
+
+
+def check_architecture(arch: Architecture, *, tol: float = TOL, matching: bool = True, seed: int = 0,
+                       maps: bool = True) -> dict:
     """Run every check on ``arch``; raise :class:`FuzzFailure` on the first broken one.
 
     1. ``randomize_`` the model and ``infer_spec`` on its inputs (must not raise);
@@ -35,7 +39,10 @@ def check_architecture(arch: Architecture, *, tol: float = TOL, matching: bool =
        BatchNorm-like statistics, is at most ``tol`` (relative, float64); a mode whose outputs are
        zero up to round-off (at most ``DEGENERATE``) is skipped and marked ``degenerate``;
     4. a planted random permutation of the weights is undone by ``weight_matching`` (the aligned
-       state dict equals the original), when ``matching``.
+       state dict equals the original), when ``matching``;
+    5. when ``maps``, continuous symmetries are inferred from the same analysis (every kind) and, for
+       each inferred kind, ``check_symmetries`` (a random permutation, then a random element of every
+       map of that kind; then of all maps at once) is at most ``tol`` in eval mode.
 
     Returns a report: the number of groups, units and pins, and the invariance errors.
     """
@@ -43,7 +50,7 @@ def check_architecture(arch: Architecture, *, tol: float = TOL, matching: bool =
     randomize_(model, seed)
     model.eval()
     try:
-        spec = infer_spec(model, arch.inputs)
+        ctx, tms, spec = analyse(model, arch.inputs)  # what infer_spec runs, with its analysis for the maps
     except Exception as e:  # noqa: BLE001 - any exception is a failure of the promise
         raise FuzzFailure("infer", arch, f"{type(e).__name__}: {e}") from e
     for key, axis in arch.permuted:
@@ -66,9 +73,32 @@ def check_architecture(arch: Architecture, *, tol: float = TOL, matching: bool =
             report["invariance" if mode == "eval" else "invariance_train"] = max(
                 err, report.get("invariance" if mode == "eval" else "invariance_train", 0.0))
     model.eval()
+    if maps:
+        report.update(_check_maps(arch, ctx, tms, spec, tol, seed))
     if matching and spec.group_sizes:
         report["planted"] = _planted(arch, spec, seed)
     return report
+
+
+def _check_maps(arch: Architecture, ctx, tms, spec, tol: float, seed: int) -> dict:
+    from ..maps import check_symmetries
+    from ..maps.infer import maps_from_analysis
+
+    try:
+        full = maps_from_analysis(ctx, tms, spec, MAP_KINDS)
+    except Exception as e:  # noqa: BLE001 - any exception is a failure of the promise
+        raise FuzzFailure("maps-infer", arch, f"{type(e).__name__}: {e}") from e
+    kinds = sorted({m.kind for m in full.maps})
+    out = {"maps": {k: sum(m.kind == k for m in full.maps) for k in kinds}, "map_pins": len(full.map_pins)}
+    if _output_scale(arch.model, arch.inputs) <= DEGENERATE:
+        return out
+    for kind in kinds + (["all"] if len(kinds) > 1 else []):
+        err = check_symmetries(arch.model, full, arch.inputs, seed=seed + 3, kinds=None if kind == "all" else (kind,))
+        if not err <= tol:
+            raise FuzzFailure(f"maps-{kind}", arch, f"relative output difference {err:.3g} > {tol:g} under random "
+                              f"{kind} maps; maps {[(m.name, m.kind, m.blocks, m.size) for m in full.maps]}")
+        out["map_invariance"] = max(err, out.get("map_invariance", 0.0))
+    return out
 
 
 def _planted(arch: Architecture, spec, seed: int) -> str:
