@@ -5,11 +5,14 @@ with ``check_symmetries`` (random elements, float64) before they are used.
 
 - :func:`llama_maps` (transformers Llama, wrapped so keys start with ``model.``): the residual stream
   (orthogonal, RMSNorm scales folded into q/k/v, gate/up and the LM head), per layer and key/value
-  group a rotary map on q and k (angles shared by the query heads of the group), an orthogonal map on
+  group a rotary map on q and k (angles shared by the query heads of the group), an invertible map on
   v/o per key/value head, and a positive scaling of SwiGLU's up projection against down's columns;
 - :func:`vit_maps` (timm ViT): the residual stream (centred orthogonal: LayerNorm subtracts the
-  mean; scales and shifts folded into qkv, fc1 and the head), per layer and head an orthogonal map on
+  mean; scales and shifts folded into qkv, fc1 and the head), per layer and head an invertible map on
   q/k and one on v/o.
+
+Per-head maps are declared invertible: matched with ``kinds=("orthogonal",)`` they move over their
+orthogonal subgroup, with ``"invertible"`` over all of it.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ def llama_maps(model, prefix: str = "model.") -> list[Map]:
                         sites=(*q, Site(f"{L}self_attn.k_proj.weight", 0, "primal", block_stride=hd)),
                         reason="RoPE pairs (i, i + head_dim/2) of a key/value group"))
         o = [Site(f"{L}self_attn.o_proj.weight", 1, "dual", offset=j * hd, block_stride=rep * hd) for j in range(rep)]
-        maps.append(Map(f"vo.{i}", "orthogonal", hd, blocks=hkv,
+        maps.append(Map(f"vo.{i}", "invertible", hd, blocks=hkv,
                         sites=(Site(f"{L}self_attn.v_proj.weight", 0, "primal", block_stride=hd), *o),
                         reason="value head read only by its query heads' output columns"))
         inter = model.state_dict()[f"{L}mlp.up_proj.weight"].shape[0]
@@ -72,11 +75,11 @@ def vit_maps(model) -> list[Map]:
         folds += [Fold(f"{B}norm1.weight", f"{B}norm1.bias", ((f"{B}attn.qkv.weight", 1, f"{B}attn.qkv.bias"),)),
                   Fold(f"{B}norm2.weight", f"{B}norm2.bias", ((f"{B}mlp.fc1.weight", 1, f"{B}mlp.fc1.bias"),))]
         w, b = f"{B}attn.qkv.weight", f"{B}attn.qkv.bias"
-        maps.append(Map(f"qk.{i}", "orthogonal", hd, blocks=heads,
+        maps.append(Map(f"qk.{i}", "invertible", hd, blocks=heads,
                         sites=(Site(w, 0, "primal", block_stride=hd), Site(b, 0, "primal", block_stride=hd),
                                Site(w, 0, "dual", offset=d, block_stride=hd), Site(b, 0, "dual", offset=d, block_stride=hd)),
                         reason="q·k per head, no RoPE"))
-        maps.append(Map(f"vo.{i}", "orthogonal", hd, blocks=heads,
+        maps.append(Map(f"vo.{i}", "invertible", hd, blocks=heads,
                         sites=(Site(w, 0, "primal", offset=2 * d, block_stride=hd),
                                Site(b, 0, "primal", offset=2 * d, block_stride=hd),
                                Site(f"{B}attn.proj.weight", 1, "dual", block_stride=hd)),

@@ -42,9 +42,11 @@ METHODS = {
     "weight: + rotary": ("weight", ("rotary",)),
     "weight: + scale": ("weight", ("scale",)),
     "weight: + all": ("weight", ("orthogonal", "rotary", "scale")),
+    "weight: + invertible heads": ("weight", ("orthogonal", "rotary", "scale", "invertible")),
     "activation: permutations": ("activation", None),
     "activation: + orthogonal": ("activation", ("orthogonal",)),
     "activation: + all": ("activation", ("orthogonal", "rotary", "scale")),
+    "activation: + invertible heads": ("activation", ("orthogonal", "rotary", "scale", "invertible")),
 }
 
 

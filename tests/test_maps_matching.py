@@ -181,3 +181,26 @@ def test_bad_input_is_refused_by_name():
     bogus = Alignment({}, {"nope": torch.ones(1, 6)})
     with pytest.raises(ValueError, match="nope"):
         align_state(spec, sa, sa, bogus)
+
+
+def test_inferred_maps_of_a_vit_planted_element_is_undone():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(5)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=14, patch_size=7, in_chans=1,
+                          num_classes=3, embed_dim=16, depth=1, num_heads=2).double()
+    with torch.no_grad():
+        for k, v in m.named_parameters():
+            if "norm" in k:
+                v.normal_(1.0 if k.endswith("weight") else 0.0, 0.3)
+    x = torch.randn(2, 1, 14, 14, dtype=torch.float64)
+    spec = autoperm.infer_spec(m, x, maps=("orthogonal", "invertible"))
+    assert {mp.kind for mp in spec.maps} == {"orthogonal", "invertible"} and any(mp.center for mp in spec.maps)
+    sa = m.state_dict()
+    kinds = ("orthogonal", "invertible")
+    sb = planted(spec, sa, 6, kinds)
+    res = autoperm.weight_matching(spec, sa, sb, kinds=kinds)
+    aligned = align_state(spec, sa, sb, res)
+    assert max_err(aligned, sa) < 1e-8
+    b = copy.deepcopy(m)
+    b.load_state_dict(aligned)
+    assert torch.allclose(b(x), m(x), atol=1e-10)

@@ -11,7 +11,7 @@ plus a constant, the weight-matching objective. The descent alternates:
   (the adjoint of the current transform applied to A, so ``<T*(A), P(B)> = <A, T(P(B))>``), from
   the current permutation (and, in the first round, also afresh), kept if it lowers the distance;
 
-until a round no longer lowers the distance. Every step is deterministic: the result depends only on
+until a round lowers the distance by less than ``TOL`` of it. Every step is deterministic: the result depends only on
 the seed (the permutation phase's visiting orders).
 """
 from __future__ import annotations
@@ -27,7 +27,9 @@ from ..permutation import apply_permutation, identity_permutation
 from ..spec import PermutationSpec, walk_groups
 from ._map_steps import act, gather_sites, matrices_of, scatter_site, site_rows, solve_map
 
-__all__ = ["match_maps", "used_maps", "check_kinds"]
+__all__ = ["match_maps", "used_maps", "check_kinds", "refine_maps"]
+
+TOL = 1e-8  # a round (or a sweep of the maps) lowering the distance by less than this fraction of it ends the descent
 
 
 def check_kinds(kinds) -> tuple:
@@ -41,15 +43,22 @@ def check_kinds(kinds) -> tuple:
     return kinds
 
 
+_SUBGROUPS = {"invertible": ("invertible", "orthogonal", "scale"), "orthogonal": ("orthogonal",),
+              "rotary": ("rotary",), "scale": ("scale",)}
+
+
 def used_maps(spec, kinds: Sequence[str]) -> list[tuple[Map, str]]:
-    """``[(map, kind it is matched as)]``: the maps of ``kinds``; an invertible map is matched as
-    orthogonal (its well-conditioned subgroup) when only ``"orthogonal"`` is asked for."""
+    """``[(map, kind it is matched as)]`` for the maps that some kind of ``kinds`` holds on: the map's own
+    kind, a kind it lists in ``holds``, or a subgroup of its kind (an invertible map is matched over its
+    orthogonal subgroup when only ``"orthogonal"`` is asked for, over its positive diagonal for
+    ``"scale"``); the largest such group is used (invertible, rotary, orthogonal, scale)."""
     out = []
     for m in maps_of(spec):
-        if m.kind in kinds:
-            out.append((m, m.kind))
-        elif m.kind == "invertible" and "orthogonal" in kinds:
-            out.append((m, "orthogonal"))
+        allowed = {"orthogonal"} if m.center else set(_SUBGROUPS[m.kind]) | set(getattr(m, "holds", ()) or ())
+        for k in ("invertible", "rotary", "orthogonal", "scale"):
+            if k in kinds and k in allowed:
+                out.append((m, k))
+                break
     return out
 
 
@@ -216,16 +225,7 @@ def _descend(spec, maps, a, b, keys, perm, transform, descend, rounds, kw) -> tu
     cur = apply_transform([m for m, _ in maps], transform, apply_permutation(spec, perm, b) if has_groups else b)
     history = [-_dist(a, cur, keys)]
     for r in range(rounds):
-        for _ in range(50):  # map phase: sweep until no map moves
-            moved = False
-            for m, kind in maps:
-                res = _step(m, kind, a, cur, transform[m.name])
-                if res is not None:
-                    transform[m.name], trial = res
-                    cur.update(trial)
-                    moved = True
-            if not moved:
-                break
+        _map_phase(maps, a, cur, transform, keys)
         if has_groups:  # permutation phase against the adjoint of the transform, from here and afresh
             adj = _adjoint(maps, transform, a)
             fresh = ((None, None),) if r == 0 else ()  # afresh only once: a start far from the first one
@@ -236,7 +236,7 @@ def _descend(spec, maps, a, b, keys, perm, transform, descend, rounds, kw) -> tu
                 if _dist(a, trial, keys) < _dist(a, cur, keys):
                     perm, cur = new_perm, trial
         history.append(-_dist(a, cur, keys))
-        if history[-1] <= history[-2] + 1e-12 * abs(history[-2]):
+        if history[-1] <= history[-2] + TOL * abs(history[-2]):
             break
     return perm, transform, history
 
@@ -248,15 +248,21 @@ def refine_maps(spec: PermutationSpec, maps, state_a, state_b, perm, transform, 
     a, b = fold_norms(plain, state_a), fold_norms(plain, state_b)
     transform = Transform({k: v.clone() for k, v in transform.items()})
     cur = apply_transform(plain, transform, apply_permutation(spec, perm, b) if spec.group_sizes else b)
-    for _ in range(50):
-        moved = False
-        for m, kind in maps:
-            if m.name in only:
-                res = _step(m, kind, a, cur, transform[m.name])
-                if res is not None:
-                    transform[m.name], trial = res
-                    cur.update(trial)
-                    moved = True
-        if not moved:
-            break
+    _map_phase([(m, k) for m, k in maps if m.name in only], a, cur, transform, keys=None)
     return transform
+
+
+def _map_phase(maps, a, cur, transform, keys, sweeps: int = 50) -> None:
+    """Sweep ``maps`` (in place on ``cur`` and ``transform``) until none moves or a sweep lowers the
+    distance over ``keys`` (None: the maps' sites) by less than ``TOL`` of it."""
+    keys = keys if keys is not None else sorted({s.key for m, _ in maps for s in m.sites})
+    for _ in range(sweeps):
+        before, moved = _dist(a, cur, keys), False
+        for m, kind in maps:
+            res = _step(m, kind, a, cur, transform[m.name])
+            if res is not None:
+                transform[m.name], trial = res
+                cur.update(trial)
+                moved = True
+        if not moved or before - _dist(a, cur, keys) <= TOL * before:
+            break
