@@ -204,3 +204,26 @@ def test_inferred_maps_of_a_vit_planted_element_is_undone():
     b = copy.deepcopy(m)
     b.load_state_dict(aligned)
     assert torch.allclose(b(x), m(x), atol=1e-10)
+
+
+class PlainAttention(RotaryAttention):
+    def rope(self, t):
+        return t
+
+
+def test_invertible_head_maps_from_activations_use_both_sides_of_q_k():
+    torch.manual_seed(6)
+    a = PlainAttention().double()
+    sites = lambda n, role: tuple(Site(f"{n}.{p}", 0, role, block_stride=4) for p in ("weight", "bias"))
+    qk = Map("qk", "invertible", 4, blocks=2, sites=sites("q", "primal") + sites("k", "dual"))
+    vo = Map("vo", "invertible", 4, blocks=2, sites=(*sites("v", "primal"), Site("o.weight", 1, "dual", block_stride=4)))
+    spec = PermutationSpec.from_axes({}, {}, maps=[qk, vo])
+    x = torch.randn(3, 6, 8, dtype=torch.float64)
+    assert autoperm.maps.check_symmetries(a, spec, x, permute=False) < 1e-10
+    sa = a.state_dict()
+    sb = planted(spec, sa, 7, ("invertible",))
+    b = PlainAttention().double()
+    b.load_state_dict(sb)
+    for res in (autoperm.weight_matching(spec, sa, sb, kinds=("invertible",)),
+                autoperm.activation_matching(spec, a, b, [x], kinds=("invertible",))):
+        assert max_err(align_state(spec, sa, sb, res), sa) < 1e-7

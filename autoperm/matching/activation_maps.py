@@ -10,11 +10,12 @@ A map's space is visible, in a model, wherever a layer writes or reads it direct
 - the input of each folded norm (the residual stream itself).
 
 If B's weights are ``T(B_A)`` for some element, each such activation of B is ``A_b`` times A's
-(``A_b^{-T}`` for a dual site on an output axis: the key side of a query·key product, used only for
-orthogonal and rotary maps, where the two agree). So with ``Y`` A's activations and ``X`` B's, the
+(``A_b^{-T}`` for a dual site on an output axis: the key side of a query·key product; not used for
+scales). So with ``Y`` A's activations and ``X`` B's, the
 element is the best fit of ``A_b X`` to ``Y``: Procrustes on ``Σ Y X^T`` (orthogonal, centred, rotary;
-the same closed forms as weight matching's steps), ``Σ Y X / Σ X²`` per unit (scale), and
-``Σ Y X^T (Σ X X^T)^{-1}`` (invertible).
+the same closed forms as weight matching's steps), ``Σ Y X / Σ X²`` per unit (scale), and for
+invertible maps the least-squares fit of ``A X`` to ``Y`` where activations follow ``A`` and of ``Aᵀ Y``
+to ``X`` where they follow ``A^{-T}`` (one Sylvester equation, as in weight matching).
 """
 from __future__ import annotations
 
@@ -67,16 +68,21 @@ def map_sources(m: Map, model: nn.Module) -> list[tuple]:
 
 
 class _Moments:
-    def __init__(self):
-        self.yx = self.xx = self.y_x = self.x2 = None
+    """``yx = Σ Y Xᵀ`` over every source, ``xx = Σ X Xᵀ`` over those that follow ``A``, ``yy = Σ Y Yᵀ`` over
+    those that follow ``A^{-T}`` (``[blocks, n, n]`` float64)."""
 
-    def add(self, y: torch.Tensor, x: torch.Tensor) -> None:  # [N, blocks, n] each
-        yx, xx = torch.einsum("tbi,tbj->bij", y, x), torch.einsum("tbi,tbj->bij", x, x)
-        if self.yx is None:
-            self.yx, self.xx = yx, xx
+    def __init__(self):
+        self.yx = self.xx = self.yy = None
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, follows: bool) -> None:  # [N, blocks, n] each
+        yx = torch.einsum("tbi,tbj->bij", y, x)
+        self.yx = yx if self.yx is None else self.yx + yx
+        if self.xx is None:
+            self.xx, self.yy = torch.zeros_like(yx), torch.zeros_like(yx)
+        if follows:
+            self.xx += torch.einsum("tbi,tbj->bij", x, x)
         else:
-            self.yx += yx
-            self.xx += xx
+            self.yy += torch.einsum("tbi,tbj->bij", y, y)
 
 
 def _pick(t: torch.Tensor, axis: int, rows: torch.Tensor) -> torch.Tensor:
@@ -92,7 +98,7 @@ def activation_transform(maps: list[tuple[Map, str]], model_a: nn.Module, model_
     modified (their modes are restored)."""
     plan = {}
     for m, kind in maps:
-        src = [s for s in map_sources(m, model_a) if s[4] or kind in ("orthogonal", "rotary")]
+        src = [s for s in map_sources(m, model_a) if s[4] or kind in ("orthogonal", "rotary", "invertible")]
         if src:
             plan[m.name] = (m, kind, src, _Moments())
     captured: dict = {}
@@ -118,11 +124,11 @@ def activation_transform(maps: list[tuple[Map, str]], model_a: nn.Module, model_
             model_b(*args)
             got_b = dict(captured)
             for m, kind, src, mom in plan.values():
-                for name, side, axis, rows, _ in src:
+                for name, side, axis, rows, follows in src:
                     y, xb = got_a.get(("a", name, side)), got_b.get(("b", name, side))
                     if y is None or xb is None or y.shape != xb.shape:
                         continue
-                    mom.add(_pick(y, axis, rows), _pick(xb, axis, rows))
+                    mom.add(_pick(y, axis, rows), _pick(xb, axis, rows), follows)
     finally:
         for h in handles:
             h.remove()
@@ -141,9 +147,7 @@ def activation_transform(maps: list[tuple[Map, str]], model_a: nn.Module, model_
             s = num / den.clamp_min(1e-300)
             out[m.name] = torch.where((s > 0) & (den > 0), s, torch.ones_like(s))
         else:
-            n = m.size
-            ridge = 1e-10 * torch.diagonal(xx, dim1=1, dim2=2).sum(-1).clamp_min(1e-300)[:, None, None] / n
-            out[m.name] = torch.linalg.solve(xx + ridge * torch.eye(n, dtype=xx.dtype), yx.transpose(1, 2)).transpose(1, 2)
+            out[m.name] = solve_map(m, "invertible", {"Spp": xx, "Sdd": mom.yy.cpu(), "C": yx})
     return out, missing
 
 
