@@ -152,7 +152,12 @@ def test_deterministic_for_a_seed_and_the_default_stays_permutations():
     a, b = WideBlock().double(), WideBlock().double()
     spec = block_spec(a, block_maps(False))
     sa, sb = a.state_dict(), b.state_dict()
+    before = {k: v.clone() for k, v in {**sa, **{"b." + k: v for k, v in sb.items()}}.items()}
     r1 = autoperm.weight_matching(spec, sa, sb, kinds=("orthogonal", "scale"), seed=7)
+    align_state(spec, sa, sb, r1)
+    autoperm.activation_matching(spec, a, b, [torch.randn(16, 8, dtype=torch.float64)], kinds=("orthogonal", "scale"))
+    after = {**a.state_dict(), **{"b." + k: v for k, v in b.state_dict().items()}}
+    assert all(torch.equal(before[k], after[k]) for k in before)  # inputs are never modified
     r2 = autoperm.weight_matching(spec, sa, sb, kinds=("orthogonal", "scale"), seed=7)
     assert all(torch.equal(r1.permutation[g], r2.permutation[g]) for g in r1.permutation)
     assert all(torch.equal(r1.transform[k], r2.transform[k]) for k in r1.transform)
