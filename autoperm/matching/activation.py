@@ -1,7 +1,7 @@
 """Activation matching: align hidden units by the correlation of their activations on data."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -161,7 +161,8 @@ def _tied(cost: np.ndarray, p: np.ndarray, rtol: float = 1e-9, unc: np.ndarray |
 
 @torch.no_grad()
 def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, batches: Iterable, *,
-                        progress: bool | None = None, seed: int = 0, process_group=None) -> Permutation:
+                        progress: bool | None = None, seed: int = 0, process_group=None,
+                        kinds: Sequence[str] | None = None):
     """The permutation of ``model_b``'s groups that best correlates its activations with ``model_a``'s.
 
     Both models run in eval mode on the same batches (their modes are restored). For every
@@ -192,10 +193,15 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
             all-reduced and every rank returns the permutation one process finds on all the
             batches; the round-off estimate is rank 0's first batch (with ``shard``, the first
             batch). A rank holding other models or another spec: ValueError on every rank.
+        kinds: continuous symmetry kinds of ``spec.maps`` to match as well; each map is then fitted to
+            the cross-covariance of the two models' activations in its space, after the permutation
+            (``autoperm.matching.activation_maps``); maps whose space no layer shows are left to weight
+            matching's step. None (the default): permutations only.
 
     Returns:
         ``{group: LongTensor}`` on the CPU; ``apply_permutation(spec, perm, model_b.state_dict())``
-        is B aligned to A.
+        is B aligned to A. With ``kinds``: an ``autoperm.maps.Alignment``;
+        ``autoperm.maps.align_state(spec, state_a, state_b, result)`` is B aligned to A.
 
     >>> import torch, autoperm
     >>> a = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -205,6 +211,9 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
     >>> torch.equal(perm["0.weight:0"], autoperm.inverse_permutation(autoperm.random_permutation(spec, seed=2))["0.weight:0"])
     True
     """
+    if kinds is not None:
+        return _with_maps(spec, model_a, model_b, list(batches), kinds, progress=progress, seed=seed,
+                          process_group=process_group)
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     check_states(spec, state_a=state_a, state_b=state_b)
     check_same(process_group, spec, state_a=state_a, state_b=state_b)
@@ -291,6 +300,29 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
         perm = descend_groups(spec, state_a, state_b, perm, set(rest), seed=seed, progress=progress)
     perm = with_blocks(expand_rows(spec, perm), spec)
     return perm if process_group is None else with_blocks(broadcast_permutation(perm, process_group), spec)
+
+
+def _with_maps(spec, model_a, model_b, batches: list, kinds, **kw):
+    """Activation matching of the permutations, then of the maps of ``kinds`` (see ``activation_matching``)."""
+    from ..maps.align import Alignment
+    from ..maps.element import identity_transform
+    from .activation_maps import activation_transform, permuted_copy
+    from .maps import check_kinds, refine_maps, used_maps
+    from .weight import _check_map_keys
+
+    kinds = check_kinds(kinds)
+    if kw.get("process_group") is not None:
+        raise ValueError("activation matching with continuous symmetry kinds does not run over a process group")
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    _check_map_keys(spec, kinds, state_a, state_b)
+    perm = activation_matching(spec, model_a, model_b, batches, **kw) if spec.group_sizes else {}
+    maps = used_maps(spec, kinds)
+    estimated, missing = activation_transform(maps, model_a, permuted_copy(spec, perm, model_b), batches)
+    transform = identity_transform([m for m, _ in maps])
+    transform.update(estimated)
+    if missing:
+        transform = refine_maps(spec, maps, state_a, state_b, perm, transform, {m.name for m, _ in missing})
+    return Alignment(perm, transform, kinds)
 
 
 def _all_reduce_stats(stats: dict, sites: dict, spec: PermutationSpec, seen: int, group) -> int:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import random
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ __all__ = ["weight_matching", "descend_groups"]
 @torch.no_grad()
 def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor],
                     *, max_iter: int = 100, seed: int = 0, init: Permutation | None = None, restarts: int = 1,
-                    progress: bool | None = None, process_group=None) -> Permutation:
+                    progress: bool | None = None, process_group=None, kinds: Sequence[str] | None = None):
     """The permutation of ``state_b``'s groups that best aligns it to ``state_a``, using no data.
 
     Maximises ``Σ <A, P(B)>`` over every tensor the spec permutes by coordinate descent: visit
@@ -54,9 +54,14 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], 
             ``autoperm.distributed``). Every cost matrix is summed over the ranks and every rank
             returns the permutation one process finds on the whole state dicts (the block steps of a
             spec with groups per block too: their costs are summed over the ranks as well).
+        kinds: continuous symmetry kinds of ``spec.maps`` to match as well (``"orthogonal"``,
+            ``"rotary"``, ``"scale"``, ``"invertible"``; see ``autoperm.matching.maps``). None (the
+            default): permutations only.
 
     Returns:
         ``{group: LongTensor}`` on the CPU; ``apply_permutation(spec, perm, state_b)`` is B aligned to A.
+        With ``kinds``: an ``autoperm.maps.Alignment`` (permutation and transform);
+        ``autoperm.maps.align_state(spec, state_a, state_b, result)`` is B aligned to A.
 
     Raises:
         ValueError: a key of ``spec.axes`` is missing, has the wrong shape, is not floating point
@@ -83,12 +88,35 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], 
         validate_permutation(spec, init)
     if restarts < 1 or max_iter < 0:
         raise ValueError("restarts must be >= 1 and max_iter >= 0")
+    if kinds is not None:
+        from .maps import check_kinds, match_maps
+        kinds = check_kinds(kinds)
+        if process_group is not None:
+            raise ValueError("weight matching with continuous symmetry kinds does not run over a process group")
+        _check_map_keys(spec, kinds, state_a, state_b)
+        return match_maps(spec, state_a, state_b, kinds, descend=descend_groups, max_iter=max_iter, seed=seed,
+                          init=init, restarts=restarts, progress=progress)
     perm = descend_groups(spec, state_a, state_b, init, None, max_iter=max_iter, seed=seed, restarts=restarts,
                           progress=progress, unknown=None if init is None else ())
     if process_group is None:
         return perm
     return with_blocks(broadcast_permutation(perm, process_group), spec)
 
+
+
+def _check_map_keys(spec, kinds, state_a, state_b) -> None:
+    """ValueError naming the key unless both states hold every tensor a matched map touches, same shape."""
+    from .maps import used_maps
+    for m, _ in used_maps(spec, kinds):
+        for key in m.keys:
+            for name, st in (("state_a", state_a), ("state_b", state_b)):
+                if key not in st:
+                    raise ValueError(f"{name} has no key {key!r} that map {m.name!r} acts on")
+                if not st[key].is_floating_point() or not bool(torch.isfinite(st[key]).all()):
+                    raise ValueError(f"{name}[{key!r}] (map {m.name!r}) must be floating point and finite")
+            if state_a[key].shape != state_b[key].shape:
+                raise ValueError(f"{key!r} has shape {tuple(state_a[key].shape)} in state_a, "
+                                 f"{tuple(state_b[key].shape)} in state_b")
 
 
 def descend_groups(spec, state_a, state_b, init, only, *, max_iter=100, seed=0, restarts=1, progress=None,
