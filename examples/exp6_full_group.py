@@ -10,7 +10,7 @@ expert's hidden units permute on their own. The *shared subgroup* is the same sp
 permutation for all blocks (``autoperm.matching._blocks.shared_view``). B is aligned to A by weight
 matching and by activation matching over each, and the linear path from A to aligned B is evaluated.
 
-    python examples/exp6_full_group.py                 # trains what is not cached, then matches
+    python examples/exp6_full_group.py                 # trains what is not cached, then matches (about 30 min)
     python examples/exp6_full_group.py --pairs vit     # one pair
     python examples/exp6_full_group.py --methods naive,weight5/shared,weight5/full   # best of 5 orders
 
