@@ -162,7 +162,7 @@ def vit() -> nn.Module:
                              num_classes=10, embed_dim=64, depth=3, num_heads=4)
 
 
-#: name -> (constructor, training settings)
+#: the language models' training settings (seeds differ in initialisation and data order)
 LM_TRAINING = {"llama": dict(steps=600, batch_size=32, lr=3e-3, warmup=50),
                "mixtral": dict(steps=360, batch_size=32, lr=3e-3, warmup=30)}
 
@@ -240,6 +240,7 @@ if __name__ == "__main__":
     for pair in sys.argv[1:] or ["llama", "vit", "mixtral"]:
         t0 = time.time()
         a, b, d = load_pair(pair)
-        if hasattr(d, "evaluate"):
-            print(pair, [{k: round(v, 4) for k, v in d.evaluate(m).items()} for m in (a, b)], flush=True)
+        from autoperm.barrier import evaluator
+        evaluate = d.evaluate if isinstance(d, CharCorpus) else evaluator(d)
+        print(pair, [{k: round(v, 4) for k, v in evaluate(m).items()} for m in (a, b)], flush=True)
         print(f"{pair}: {time.time() - t0:.0f} s", flush=True)

@@ -10,8 +10,9 @@ expert's hidden units permute on their own. The *shared subgroup* is the same sp
 permutation for all blocks (``autoperm.matching._blocks.shared_view``). B is aligned to A by weight
 matching and by activation matching over each, and the linear path from A to aligned B is evaluated.
 
-    python examples/exp6_full_group.py                 # trains what is not cached, then matches
+    python examples/exp6_full_group.py                 # trains what is not cached, then matches (about 30 min)
     python examples/exp6_full_group.py --pairs vit     # one pair
+    python examples/exp6_full_group.py --methods naive,weight5/shared,weight5/full   # best of 5 orders
 
 Resumable: permutations and curves are cached under ``<out>/cache``. Writes ``<out>/exp6.json``
 and ``<out>/exp6.md`` (the table of ``docs/results.md``).
@@ -32,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import parse_args, save_json, train_batches  # noqa: E402
 from _pairs import load_pair  # noqa: E402
 
-METHODS = ["naive", "weight/shared", "weight/full", "activation/shared", "activation/full"]
+METHODS = "naive,weight/shared,weight/full,activation/shared,activation/full"
 
 
 def setup(name: str):
@@ -48,8 +49,9 @@ def match(method: str, spec, a, b, batches):
     kind, group = method.split("/")
     s = spec if group == "full" else shared_view(spec)
     t0 = time.time()
-    if kind == "weight":
-        perm = autoperm.weight_matching(s, a.state_dict(), b.state_dict(), progress=False)
+    if kind in ("weight", "weight5"):  # weight5: the best of 5 visiting orders
+        perm = autoperm.weight_matching(s, a.state_dict(), b.state_dict(), progress=False,
+                                        restarts=5 if kind == "weight5" else 1)
     else:
         perm = autoperm.activation_matching(s, a, b, batches, progress=False)
     sec = time.time() - t0
@@ -62,6 +64,7 @@ def objective(spec, sa, sb) -> float:
 
 
 def run_pair(name: str, args) -> dict:
+    methods = getattr(args, "methods", METHODS).split(",")
     cache = os.path.join(args.out, "cache")
     os.makedirs(cache, exist_ok=True)
     a, b, evaluate, metric, batches, x = setup(name)
@@ -69,7 +72,7 @@ def run_pair(name: str, args) -> dict:
     sa, sb = a.state_dict(), b.state_dict()
     lambdas = torch.linspace(0, 1, args.points).tolist()
     rows = {}
-    for method in METHODS:
+    for method in methods:
         path = os.path.join(cache, f"{name}_{method.replace('/', '_')}_p{args.points}.pt")
         if os.path.exists(path):
             rows[method] = torch.load(path, weights_only=False)
@@ -127,13 +130,16 @@ def _curve(d: dict) -> Curve:
 def main():
     args = parse_args(__doc__.splitlines()[0], "exp6", lambda p: (
         p.add_argument("--pairs", default="vit,mixtral,llama"),
-        p.add_argument("--points", type=int, default=11)))
+        p.add_argument("--points", type=int, default=11),
+        p.add_argument("--methods", default=METHODS, help="naive, weight|weight5|activation / shared|full")))
     results = {name: run_pair(name, args) for name in args.pairs.split(",")}
     print()
     md = table(results)
     print(md)
     for name, r in results.items():
-        for kind in ("weight", "activation"):
+        for kind in ("weight", "weight5", "activation"):
+            if f"{kind}/full" not in r["rows"] or f"{kind}/shared" not in r["rows"]:
+                continue
             full, shared = r["rows"][f"{kind}/full"]["perm"], r["rows"][f"{kind}/shared"]["perm"]
             print(f"{name} {kind}: per-block inner rows differing full vs shared: "
                   f"{differing_rows(r['spec'], full, shared)}")
