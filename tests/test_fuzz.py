@@ -144,12 +144,14 @@ def test_fuzzer_catches_an_empty_spec(monkeypatch):
     """Completeness: a spec with no groups for a Linear -> ReLU -> Linear stack must be reported."""
     import autoperm.testing._check as chk
 
-    def nothing(model, x):
-        spec = autoperm.infer_spec(model, x)
-        return autoperm.PermutationSpec.from_axes({k: [None] * len(v) for k, v in spec.axes.items()}, {},
-                                                  shapes=spec.shapes)
+    real = chk.analyse
 
-    monkeypatch.setattr(chk, "infer_spec", nothing)
+    def nothing(model, x):
+        ctx, tms, spec = real(model, x)
+        return ctx, tms, autoperm.PermutationSpec.from_axes({k: [None] * len(v) for k, v in spec.axes.items()}, {},
+                                                            shapes=spec.shapes)
+
+    monkeypatch.setattr(chk, "analyse", nothing)
     with pytest.raises(FuzzFailure, match=r"\[complete\]"):
         check_architecture(random_architecture(0))
 
