@@ -22,35 +22,24 @@ from typing import Callable
 
 import torch
 
+from ..rules._registry import NameTable, op_names
+
 __all__ = ["register_map_rule", "get_map_rule", "LINEAR", "ORTHOGONAL", "SCALE"]
 
 LINEAR = frozenset({"orthogonal", "invertible", "scale"})  # every linear map commutes
 ORTHOGONAL = frozenset({"orthogonal"})  # norm-preserving maps only
 SCALE = frozenset({"scale"})  # positive diagonal maps only (positively homogeneous ops)
 
-_RULES: dict[str, Callable] = {}
+_RULES = NameTable()
 
 
 def register_map_rule(*names):
     """Register ``fn(chk, node)`` for ops named ``aten.op`` (any overload) or ``aten.op.overload``."""
-    def deco(fn):
-        for n in names:
-            _RULES[n] = fn
-        return fn
-    return deco
-
-
-def op_names(node) -> tuple[str, str]:
-    t = node.target
-    if isinstance(t, torch._ops.OpOverload):
-        return f"{t.namespace}.{t._opname}.{t._overloadname}", f"{t.namespace}.{t._opname}"
-    n = getattr(t, "__name__", str(t))
-    return n, n
+    return _RULES.register(*names)
 
 
 def get_map_rule(node) -> Callable | None:
-    full, packet = op_names(node)
-    return _RULES.get(full) or _RULES.get(packet)
+    return _RULES.lookup(node)
 
 
 def _arg(node, i, name, default=None):

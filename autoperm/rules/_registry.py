@@ -11,9 +11,33 @@ from typing import Callable
 
 import torch
 
-__all__ = ["register_rule", "builtin_rule", "get_rule", "list_rules", "is_registered"]
+__all__ = ["register_rule", "builtin_rule", "get_rule", "list_rules", "is_registered", "NameTable", "op_names"]
 
 _RULES: dict[object, Callable] = {}
+
+
+def op_names(node) -> tuple[str, str]:
+    """``(namespace.op.overload, namespace.op)`` of a graph node's target; a plain callable's name twice."""
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return f"{t.namespace}.{t._opname}.{t._overloadname}", f"{t.namespace}.{t._opname}"
+    n = getattr(t, "__name__", str(t))
+    return n, n
+
+
+class NameTable(dict):
+    """Functions keyed by op name: ``aten.op`` for any overload, ``aten.op.overload`` for one (which wins)."""
+
+    def register(self, *names):
+        def deco(fn):
+            for n in names:
+                self[n] = fn
+            return fn
+        return deco
+
+    def lookup(self, node) -> Callable | None:
+        full, packet = op_names(node)
+        return self.get(full) or self.get(packet)
 
 
 def _keys(target, missing_ok: bool) -> list[object]:

@@ -25,28 +25,21 @@ from typing import Callable
 
 import torch
 
+from ._registry import NameTable
+
 __all__ = ["register_letters", "get_letters"]
 
-_SIGS: dict[str, Callable] = {}
+_SIGS = NameTable()
 
 
 def register_letters(*names):
     """Register ``fn(node) -> signature`` for ops named ``aten.op`` (any overload) or ``aten.op.overload``."""
-    def deco(fn):
-        for n in names:
-            _SIGS[n] = fn
-        return fn
-    return deco
+    return _SIGS.register(*names)
 
 
 def get_letters(node) -> tuple | None:
     """The signature of a graph node, or None when its op has no entry (or the entry cannot read the node)."""
-    t = node.target
-    if isinstance(t, torch._ops.OpOverload):
-        full, packet = f"{t.namespace}.{t._opname}.{t._overloadname}", f"{t.namespace}.{t._opname}"
-    else:
-        full = packet = getattr(t, "__name__", str(t))
-    fn = _SIGS.get(full) or _SIGS.get(packet)
+    fn = _SIGS.lookup(node)
     if fn is None:
         return None
     try:
