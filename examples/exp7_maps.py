@@ -2,8 +2,9 @@
 
 Pairs (``examples/_pairs.py``, cached under ``~/.cache/autoperm/pairs``): the tiny timm ViT of
 experiment 4 on MNIST-5k, and a 4-layer Llama (RoPE, RMSNorm, SwiGLU, GQA) trained as a
-character-level language model of the Python standard library's source. The spec's maps are the
-inferred ones when the spec has any, else those of ``examples/_handmaps.py`` (checked first).
+character-level language model of the Python standard library's source. The spec's maps are
+those of ``examples/_handmaps.py`` (checked first), or with ``--maps inferred`` those that
+``infer_spec(..., maps=True)`` finds.
 
 For each pair: naive, permutations only, permutations plus each kind of map, and all kinds, by
 weight matching and by activation matching; B is aligned with ``autoperm.maps.align_state`` (norm
@@ -77,15 +78,20 @@ def main():
     args = parse_args(__doc__.splitlines()[0], "exp7", lambda p: (
         p.add_argument("--pairs", default="vit,llama"),
         p.add_argument("--methods", default=",".join(METHODS)),
-        p.add_argument("--points", type=int, default=11)))
-    cache = os.path.join(args.out, "cache")
+        p.add_argument("--points", type=int, default=11),
+        p.add_argument("--maps", choices=("hand", "inferred"), default="hand",
+                       help="the maps of _handmaps.py (the table in docs/results.md) or those infer_spec finds")))
+    cache = os.path.join(args.out, "cache" if args.maps == "hand" else "cache-inferred")
     os.makedirs(cache, exist_ok=True)
     lambdas = torch.linspace(0, 1, args.points).tolist()
     results, rows = {}, []
     for name in args.pairs.split(","):
         a, b, evaluate, metric, batches, x, maps = setup(name)
-        spec = autoperm.infer_spec(a, x)
+        spec = autoperm.infer_spec(a, x, maps=args.maps == "inferred")
         source = "inferred"
+        if args.maps == "inferred":
+            err = check_symmetries(a, spec, x, seed=0, dtype=torch.float64)
+            print(f"{name}: {len(spec.maps)} inferred maps, invariance error {err:.2e}", flush=True)
         if not spec.maps:
             spec, source = dataclasses.replace(spec, maps=maps), "declared by hand"
             err = check_symmetries(a, spec, x, seed=0, dtype=torch.float64)
