@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from ..rules._node import arg as _arg, reduced_dims as _dims, shape as _shape
 from ..rules._registry import NameTable, op_names
 
 __all__ = ["register_map_rule", "get_map_rule", "LINEAR", "ORTHOGONAL", "SCALE"]
@@ -40,15 +41,6 @@ def register_map_rule(*names):
 
 def get_map_rule(node) -> Callable | None:
     return _RULES.lookup(node)
-
-
-def _arg(node, i, name, default=None):
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
-
-
-def _shape(x):
-    v = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
 # -- data movement: every element keeps its coordinates ------------------------------------------------
@@ -189,13 +181,6 @@ def _masked_fill(chk, node):
 
 
 # -- reductions --------------------------------------------------------------------------------------------
-
-def _dims(node, i, name, n):
-    d = _arg(node, i, name)
-    if d is None or (isinstance(d, (list, tuple)) and not d):
-        return list(range(n))
-    d = [d] if isinstance(d, int) else list(d)
-    return [x % n for x in d]
 
 
 @register_map_rule("aten.sum", "aten.mean")

@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from ._node import arg as _arg, reduced_dims as _dims, shape as _shape
 from ._registry import NameTable
 
 __all__ = ["register_letters", "get_letters"]
@@ -48,15 +49,6 @@ def get_letters(node) -> tuple | None:
         return None
 
 
-def _shape(x):
-    v = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
-
-
-def _arg(node, i, name, default=None):
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
-
-
 _MOVE = """reshape view _unsafe_view reshape_as view_as _reshape_alias flatten unflatten permute transpose swapaxes
 swapdims t numpy_T unsqueeze squeeze expand expand_as broadcast_to contiguous clone alias detach _to_copy to type_as
 lift_fresh_copy unbind select slice slice_copy narrow split split_with_sizes split_with_sizes_copy chunk
@@ -73,14 +65,6 @@ masked_fill addcmul addcdiv lerp copy copy_ fill_ zero_ detach_"""
 def _move(node):
     """Every element keeps its coordinates (element-wise ops align axes; broadcasting copies)."""
     return ("move",)
-
-
-def _dims(node, i, name, n):
-    d = _arg(node, i, name)
-    if d is None or (isinstance(d, (list, tuple)) and not d):
-        return list(range(n))
-    d = [d] if isinstance(d, int) else list(d)
-    return [x % n for x in d]
 
 
 @register_letters("aten.mean.dim", "aten.sum.dim_IntList", "aten.amax", "aten.amin", "aten.logsumexp",
